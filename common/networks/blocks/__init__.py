@@ -1,0 +1,29 @@
+"""Building blocks shared by the networks: SS2D, the VSS block, patch embed / merge / expand."""
+
+from .layers import (
+    LayerNorm2d,
+    Linear2d,
+    Mlp,
+    PatchEmbed2D,
+    PatchExpand2D,
+    PatchMerging2D,
+    to_channels_first,
+    to_channels_last,
+)
+from .ss2d import SS2D, cross_merge, cross_scan
+from .vss import VSSBlock
+
+__all__ = [
+    "SS2D",
+    "VSSBlock",
+    "cross_scan",
+    "cross_merge",
+    "LayerNorm2d",
+    "Linear2d",
+    "Mlp",
+    "PatchEmbed2D",
+    "PatchMerging2D",
+    "PatchExpand2D",
+    "to_channels_first",
+    "to_channels_last",
+]

@@ -1,0 +1,150 @@
+"""Small layers shared by the VMamba-family networks.
+
+Layouts: "channels-last" tensors are ``(B, H, W, C)`` (VMamba v1, VM-UNet, Mamba-UNet),
+"channel-first" tensors ``(B, C, H, W)`` (VMamba v2 with ``ln2d``, MSVM-UNet).
+Parameter names and shapes follow VMamba's so that original checkpoints map onto these modules
+with renames only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LayerNorm2d",
+    "Linear2d",
+    "Mlp",
+    "PatchEmbed2D",
+    "PatchMerging2D",
+    "PatchExpand2D",
+    "to_channels_last",
+    "to_channels_first",
+]
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, C)."""
+    return x.permute(0, 2, 3, 1)
+
+
+def to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W)."""
+    return x.permute(0, 3, 1, 2)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a channel-first ``(B, C, H, W)`` tensor (VMamba's ``ln2d``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(to_channels_last(x), self.normalized_shape, self.weight, self.bias, self.eps)
+        return to_channels_first(x)
+
+
+class Linear2d(nn.Linear):
+    """A 1x1 convolution stored as an ``nn.Linear`` (weight ``(out, in)``), for channel-first maps.
+
+    Keeping the linear layout means channels-last and channel-first variants share checkpoints.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 4:  # accept a Conv2d 1x1 checkpoint
+            state_dict[key] = state_dict[key].flatten(1)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network ``fc1 -> act -> drop -> fc2 -> drop``.
+
+    Args:
+        in_features: input channels.
+        hidden_features: hidden channels (default ``in_features``).
+        out_features: output channels (default ``in_features``).
+        act_layer: activation class.
+        drop: dropout probability.
+        channel_first: operate on ``(B, C, H, W)`` with 1x1 convolutions instead of channels-last.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        channel_first: bool = False,
+    ) -> None:
+        super().__init__()
+        linear = Linear2d if channel_first else nn.Linear
+        hidden_features = hidden_features or in_features
+        self.fc1 = linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = linear(hidden_features, out_features or in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class PatchEmbed2D(nn.Module):
+    """Non-overlapping patch embedding: ``Conv2d(k=s=patch_size)`` then LayerNorm, channels-last out.
+
+    VMamba v1 / VM-UNet / Mamba-UNet use it with ``patch_size=4`` (``(B, C, H, W)`` in,
+    ``(B, H/4, W/4, embed_dim)`` out).
+    """
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(to_channels_last(self.proj(x)))
+
+
+class PatchMerging2D(nn.Module):
+    """Swin/VMamba patch merging (channels-last): 2x2 neighbours concatenated, LayerNorm, linear.
+
+    ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), out_dim)`` (``out_dim`` defaults to ``2C``); odd
+    sizes are zero-padded. The neighbour order (0,0), (1,0), (0,1), (1,1) is Swin's, which the
+    pretrained checkpoints assume.
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim or 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1:3]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class PatchExpand2D(nn.Module):
+    """Patch expanding (channels-last): linear to ``scale**2 * out_dim``, pixel-shuffle, LayerNorm.
+
+    ``(B, H, W, dim)`` -> ``(B, scale*H, scale*W, out_dim)``. With ``scale=2, out_dim=dim//2`` it
+    is Swin-UNet / Mamba-UNet's ``PatchExpand``; with ``scale=4, out_dim=dim`` their final x4
+    expansion. The channel order inside the linear output is ``(p1, p2, c)`` as in those codes.
+    """
+
+    def __init__(self, dim: int, scale: int = 2, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+        self.out_dim = out_dim or dim // scale
+        self.expand = nn.Linear(dim, scale * scale * self.out_dim, bias=False)
+        self.norm = nn.LayerNorm(self.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        s, c = self.scale, self.out_dim
+        x = self.expand(x).view(b, h, w, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, c)
+        return self.norm(x)

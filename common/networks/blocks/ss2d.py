@@ -1,0 +1,203 @@
+"""SS2D: VMamba's 2D selective-scan block (Liu et al., "VMamba: Visual State Space Model").
+
+One module covers the variants the three networks use:
+
+- VMamba v0 / VM-UNet / Mamba-UNet: channels-last, ``d_state=16``, ``ssm_ratio=2``, z gate,
+  depth-wise 3x3 conv with bias.
+- VMamba v2 ``v05_noz`` (VMamba-Tiny 0230s, MSVM-UNet): channel-first, ``d_state=1``,
+  ``ssm_ratio=1``, no z gate (``with_z=False``), conv without bias.
+
+Parameter names and shapes are VMamba's (``in_proj``, ``conv2d``, ``x_proj_weight``,
+``dt_projs_weight``, ``dt_projs_bias``, ``A_logs``, ``Ds``, ``out_norm``, ``out_proj``), so
+original checkpoints load with key renames only.
+
+Data flow (``d_inner = ssm_ratio * d_model``, ``K = 4`` scan directions)::
+
+    x -> in_proj -> [x | z] ; x -> dwconv -> SiLU -> cross_scan (K, d_inner, L)
+      -> per-direction projections to (dt, B, C) -> selective scan -> cross_merge
+      -> out_norm -> (* SiLU(z)) -> out_proj -> dropout
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...ops import selective_scan
+from .layers import LayerNorm2d, Linear2d, to_channels_first, to_channels_last
+
+__all__ = ["SS2D", "cross_scan", "cross_merge"]
+
+K_DIRECTIONS = 4
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, and both reversed."""
+    rows = x.flatten(2)
+    cols = x.transpose(2, 3).flatten(2)
+    xs = torch.stack([rows, cols], dim=1)
+    return torch.cat([xs, xs.flip(-1)], dim=1)
+
+
+def cross_merge(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 4, D, H*W) -> (B, D, H, W): undo each direction's order and sum (adjoint of cross_scan)."""
+    b, _, d, _ = ys.shape
+    y = ys[:, :2] + ys[:, 2:].flip(-1)
+    return y[:, 0].view(b, d, height, width) + y[:, 1].view(b, d, width, height).transpose(2, 3)
+
+
+def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
+    """Bias such that softplus(bias) is log-uniform in [dt_min, dt_max] (Mamba's dt init)."""
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+class SS2D(nn.Module):
+    """2D selective-scan (SS2D) block.
+
+    Args:
+        d_model: channels in and out.
+        d_state: SSM state size N per channel.
+        ssm_ratio: ``d_inner = int(ssm_ratio * d_model)``.
+        dt_rank: rank of the dt projection, ``"auto"`` for ``ceil(d_model / 16)``.
+        d_conv: depth-wise conv kernel size; ``< 2`` disables the conv.
+        conv_bias: bias in the depth-wise conv.
+        bias: bias in ``in_proj`` / ``out_proj``.
+        dropout: dropout after ``out_proj``.
+        with_z: multiply by the SiLU gate ``z`` (VMamba ``*_noz`` variants set False).
+        out_norm: LayerNorm on the merged scan output (True) or none.
+        channel_first: ``(B, C, H, W)`` in/out with 1x1-conv projections instead of ``(B, H, W, C)``.
+        dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Mamba's dt initialisation.
+        initialize: ``"v0"`` (Mamba init: A = 1..N, D = 1, dt log-uniform), ``"v1"`` (random
+            normal A_logs, dt) or ``"v2"`` (zero A_logs, small uniform dt): VMamba's options.
+        force_fp32: run the projections around the scan in float32 under autocast.
+        scan_backend: selective-scan backend (``None``: automatic, see :mod:`common.ops`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        conv_bias: bool = True,
+        bias: bool = False,
+        dropout: float = 0.0,
+        with_z: bool = True,
+        out_norm: bool = True,
+        channel_first: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        initialize: str = "v0",
+        force_fp32: bool = False,
+        scan_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"SS2D: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if initialize not in ("v0", "v1", "v2"):
+            raise ValueError(f"SS2D: initialize must be 'v0', 'v1' or 'v2', got {initialize!r}")
+        d_inner = int(ssm_ratio * d_model)
+        dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.d_model, self.d_inner, self.d_state, self.dt_rank = d_model, d_inner, d_state, dt_rank
+        self.channel_first, self.with_z, self.force_fp32 = channel_first, with_z, force_fp32
+        self.scan_backend = scan_backend
+        linear = Linear2d if channel_first else nn.Linear
+        k = K_DIRECTIONS
+
+        self.in_proj = linear(d_model, d_inner * (2 if with_z else 1), bias=bias)
+        self.act = nn.SiLU()
+        self.conv2d = (
+            nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
+            if d_conv > 1
+            else None
+        )
+        # per-direction projections of the scanned sequence to (dt, B, C), stacked over K
+        bound = d_inner**-0.5  # nn.Linear's default init
+        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+        if channel_first:
+            self.out_norm = LayerNorm2d(d_inner) if out_norm else nn.Identity()
+        else:
+            self.out_norm = nn.LayerNorm(d_inner) if out_norm else nn.Identity()
+        self.out_proj = linear(d_inner, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._init_ssm(initialize, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
+
+    @torch.no_grad()
+    def _init_ssm(self, initialize, dt_init, dt_scale, dt_min, dt_max, dt_init_floor) -> None:
+        k, d_inner, n = K_DIRECTIONS, self.d_inner, self.d_state
+        if initialize == "v0":
+            std = self.dt_rank**-0.5 * dt_scale
+            if dt_init == "constant":
+                self.dt_projs_weight.fill_(std)
+            else:
+                self.dt_projs_weight.uniform_(-std, std)
+            self.dt_projs_bias.copy_(
+                torch.stack([_dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor) for _ in range(k)])
+            )
+            self.A_logs.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(k * d_inner, 1))
+        elif initialize == "v1":
+            self.dt_projs_weight.normal_()
+            self.dt_projs_bias.normal_()
+            self.A_logs.normal_()
+        else:
+            self.dt_projs_weight.uniform_(0, 0.1)
+            self.dt_projs_bias.uniform_(0, 0.1)
+            self.A_logs.zero_()
+        self.Ds.fill_(1.0)
+
+    def ssm(self, x: torch.Tensor) -> torch.Tensor:
+        """The four-direction selective scan of a ``(B, d_inner, H, W)`` map, same shape out."""
+        b, d, h, w = x.shape
+        n, r, length = self.d_state, self.dt_rank, h * w
+        if self.force_fp32:
+            x = x.float()
+        xs = cross_scan(x)  # (B, K, D, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight.to(xs.dtype))
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight.to(xs.dtype))
+        ys = selective_scan(
+            xs.reshape(b, -1, length),
+            dts.reshape(b, -1, length),
+            -torch.exp(self.A_logs.float()),
+            bs.contiguous(),
+            cs.contiguous(),
+            self.Ds.float(),
+            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` (or ``(B, C, H, W)`` when ``channel_first``) -> same shape."""
+        x = self.in_proj(x)
+        cdim = 1 if self.channel_first else -1
+        z = None
+        if self.with_z:
+            x, z = x.chunk(2, dim=cdim)
+            z = self.act(z)
+        if not self.channel_first:
+            x = to_channels_first(x).contiguous()
+        if self.conv2d is not None:
+            x = self.conv2d(x)
+        y = self.ssm(self.act(x)).to(x.dtype)
+        if not self.channel_first:
+            y = to_channels_last(y)
+        y = self.out_norm(y)
+        if z is not None:
+            y = y * z
+        return self.dropout(self.out_proj(y))

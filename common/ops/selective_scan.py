@@ -1,0 +1,151 @@
+"""``selective_scan``: one entry point, several backends, chosen per call.
+
+Backends (all with mamba-ssm's ``selective_scan_fn`` semantics):
+
+- ``"torch"``: the chunked pure-PyTorch scan in :mod:`common.ops.scan_torch`; any device, autograd.
+- ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when the package imports and the tensors are on CUDA.
+- ``"triton"``: this project's own GPU kernel (JIT-compiled, no build step); reserved until the
+  kernel lands, reported as unavailable until then.
+- ``"ref"``: the sequential reference (tests and debugging only; never chosen automatically).
+
+Choosing: the ``backend`` argument wins, then the environment variable
+``MAMBA_BUNDLES_SCAN_BACKEND`` (``auto`` or empty means automatic), then automatic choice: on
+CUDA the fastest available GPU backend (``triton``, then ``mamba_ssm``), otherwise ``torch``.
+A backend that was asked for by name and cannot run raises ``RuntimeError`` saying why.
+
+Nothing here imports mamba_ssm or triton until a CUDA tensor asks for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+from .scan_ref import selective_scan_ref
+from .scan_torch import selective_scan_torch
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_ref",
+    "resolve_backend",
+    "available_backends",
+    "backend_unavailable_reason",
+    "SCAN_BACKENDS",
+    "SCAN_BACKEND_ENV",
+]
+
+SCAN_BACKEND_ENV = "MAMBA_BUNDLES_SCAN_BACKEND"
+SCAN_BACKENDS = ("torch", "mamba_ssm", "triton", "ref")
+_GPU_PREFERENCE = ("triton", "mamba_ssm")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_mamba_ssm() -> tuple[Callable | None, str | None]:
+    try:
+        mod = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+        return mod.selective_scan_fn, None
+    except Exception as err:  # ImportError, OSError from a missing .so, a CUDA mismatch...
+        return None, f"mamba_ssm is not importable ({type(err).__name__}: {err})"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton() -> tuple[Callable | None, str | None]:
+    try:
+        mod = importlib.import_module("common.ops.scan_triton")
+    except ModuleNotFoundError as err:
+        if err.name in ("common.ops.scan_triton", "triton"):
+            return None, "the triton backend is not implemented yet (planned: our own Triton scan kernel)"
+        return None, f"the triton backend failed to import ({err})"
+    except Exception as err:
+        return None, f"the triton backend failed to import ({type(err).__name__}: {err})"
+    return mod.selective_scan_triton, None
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """``None`` when ``backend`` can run on ``device``, else a sentence saying why not."""
+    device = torch.device(device)
+    if backend not in SCAN_BACKENDS:
+        return f"unknown scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)} (or None for automatic)"
+    if backend in ("torch", "ref"):
+        return None
+    if device.type != "cuda":
+        return f"the {backend} backend needs CUDA tensors, got tensors on {device.type}"
+    loader = _load_mamba_ssm if backend == "mamba_ssm" else _load_triton
+    return loader()[1]
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` in this environment, fastest first."""
+    order = (*_GPU_PREFERENCE, "torch", "ref")
+    return [b for b in order if backend_unavailable_reason(b, device) is None]
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    """Turn ``backend`` (name, ``None`` or ``"auto"``) into the backend that will run on ``device``."""
+    if backend is None or backend == "auto":
+        env = os.environ.get(SCAN_BACKEND_ENV, "").strip()
+        backend = None if env in ("", "auto") else env
+    if backend is None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            for name in _GPU_PREFERENCE:
+                if backend_unavailable_reason(name, device) is None:
+                    return name
+        return "torch"
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"selective_scan: cannot use backend {backend!r}: {reason}")
+    return backend
+
+
+def _implementation(name: str) -> Callable:
+    if name == "torch":
+        return selective_scan_torch
+    if name == "ref":
+        return selective_scan_ref
+    if name == "mamba_ssm":
+        return _load_mamba_ssm()[0]
+    return _load_triton()[0]
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str | None = None,
+):
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` semantics, on the chosen backend.
+
+    Args:
+        u: input, ``(batch, dim, L)``.
+        delta: time steps, ``(batch, dim, L)``.
+        A: real state matrix (diagonal per channel), ``(dim, N)``.
+        B: input projection: ``(dim, N)``, ``(batch, N, L)`` or ``(batch, groups, N, L)``.
+        C: output projection, same forms as ``B``.
+        D: skip connection per channel, ``(dim,)``.
+        z: gate, ``(batch, dim, L)``: the output is multiplied by ``silu(z)``.
+        delta_bias: added to ``delta`` per channel, ``(dim,)``.
+        delta_softplus: apply softplus to ``delta`` (after the bias).
+        return_last_state: also return the state after the last step, ``(batch, dim, N)``.
+        backend: ``"torch"``, ``"mamba_ssm"``, ``"triton"``, ``"ref"`` or ``None`` (automatic; see
+            the module docstring for the environment variable).
+
+    Returns:
+        ``out`` ``(batch, dim, L)`` in ``u``'s dtype (state math in float32), or
+        ``(out, last_state)``.
+    """
+    name = resolve_backend(backend, u.device)
+    return _implementation(name)(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
