@@ -1,8 +1,6 @@
 """Operators: the selective scan and its backends."""
 
-from .scan_ref import selective_scan_ref
-from .scan_torch import selective_scan_torch
-from .selective_scan import (
+from .dispatch import (
     SCAN_BACKEND_ENV,
     SCAN_BACKENDS,
     available_backends,
@@ -10,6 +8,8 @@ from .selective_scan import (
     resolve_backend,
     selective_scan,
 )
+from .scan_ref import selective_scan_ref
+from .scan_torch import selective_scan_torch
 
 __all__ = [
     "selective_scan",

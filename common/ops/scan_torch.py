@@ -70,8 +70,9 @@ def chunked_linear_scan_(
     else:
         for t in range(t_len - 2, -1, -1):
             hv[:, t].addcmul_(av[:, t], hv[:, t + 1])
+    state_shape = h.shape[1:]
     if nc == 1 and h0 is None:
-        return hv[0, -1] if not reverse else hv[0, 0]
+        return (hv[0, -1] if not reverse else hv[0, 0]).view(state_shape)
     # 2. carry the state across chunks
     prod = av.prod(dim=1)  # (nc, M): decay over a whole chunk
     carry = torch.empty_like(prod)
@@ -96,7 +97,7 @@ def chunked_linear_scan_(
     for t in steps:
         carry.mul_(av[:, t])
         hv_fix[:, t].add_(carry)
-    return hv[-1, -1] if not reverse else hv[0, 0]
+    return (hv[-1, -1] if not reverse else hv[0, 0]).view(state_shape)
 
 
 def compute_dtype(u: torch.Tensor) -> torch.dtype:
@@ -118,9 +119,10 @@ def _bc_view(x: torch.Tensor, batch: int, dim: int, dtype: torch.dtype):
     x = x.to(dtype)
     if x.dim() == 2:  # (dim, N): constant over time and batch, one "group" per channel
         return x.view(1, 1, dim, 1, x.shape[1]), dim
+    # time-major and contiguous: the per-block products and contractions read it row by row
     if x.dim() == 3:  # (batch, N, L)
-        return x.permute(2, 0, 1).unsqueeze(2).unsqueeze(3), 1
-    return x.permute(3, 0, 1, 2).unsqueeze(3), x.shape[1]  # (batch, G, N, L)
+        return x.permute(2, 0, 1).contiguous().unsqueeze(2).unsqueeze(3), 1
+    return x.permute(3, 0, 1, 2).contiguous().unsqueeze(3), x.shape[1]  # (batch, G, N, L)
 
 
 def _grad_bc_buffer(x5: torch.Tensor) -> torch.Tensor:
@@ -169,6 +171,7 @@ class _Scan:
         self.zT = _time_major(z, cdt) if z is not None else None
         self.Bk, self.gb = _bc_view(B, self.batch, self.dim, cdt)
         self.Ck, self.gc = _bc_view(C, self.batch, self.dim, cdt)
+        self.b_fixed, self.c_fixed = B.dim() == 2, C.dim() == 2  # (dim, N): the same at every step
         self.lb, self.chunk = _block_rows(self.length, self.batch * self.dim * self.n)
         self.blocks = [(s, min(self.length, s + self.lb)) for s in range(0, self.length, self.lb)]
 
@@ -176,8 +179,8 @@ class _Scan:
         return torch.empty(rows, self.batch, self.dim, self.n, dtype=self.cdt, device=self.device)
 
     @staticmethod
-    def _rows(x5: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        return x5 if x5.shape[0] == 1 else x5[s:e]
+    def _rows(x5: torch.Tensor, fixed: bool, s: int, e: int) -> torch.Tensor:
+        return x5 if fixed else x5[s:e]
 
     def _fill_decay(self, a: torch.Tensor, s: int, e: int) -> None:
         """a[:e-s] = exp(dt * A) for steps s..e; the remaining rows = 1 (padding steps keep the state)."""
@@ -191,7 +194,7 @@ class _Scan:
         n, g = e - s, self.gb
         torch.mul(
             self.dtuT[s:e].view(n, self.batch, g, self.dim // g, 1),
-            self._rows(self.Bk, s, e),
+            self._rows(self.Bk, self.b_fixed, s, e),
             out=h[:n].view(n, self.batch, g, self.dim // g, self.n),
         )
         h[n:].zero_()
@@ -199,7 +202,8 @@ class _Scan:
     def _contract_c(self, h: torch.Tensor, s: int, e: int) -> torch.Tensor:
         """sum_n C[t, n] h[t, b, d, n] for the rows s..e of h (shape (e-s, batch, dim, N))."""
         n, g = e - s, self.gc
-        y = torch.matmul(h.view(n, self.batch, g, self.dim // g, self.n), self._rows(self.Ck, s, e).transpose(-1, -2))
+        c = self._rows(self.Ck, self.c_fixed, s, e)
+        y = torch.matmul(h.view(n, self.batch, g, self.dim // g, self.n), c.transpose(-1, -2))
         return y.view(n, self.batch, self.dim)
 
     def _block_states(self, a: torch.Tensor, wh: torch.Tensor, s: int, e: int, h0: torch.Tensor) -> None:
@@ -266,12 +270,12 @@ class _Scan:
             # dC = sum over a group's channels of dy * h
             dyg = dy.reshape(n, batch, gc, dim // gc, 1)
             dCb = torch.matmul(dyg.transpose(-1, -2), h.view(n, batch, gc, dim // gc, N))
-            if dC5.shape[0] == 1:
+            if self.c_fixed:
                 dC5 += dCb.sum(dim=(0, 1), keepdim=True)
             else:
                 dC5[s:e] = dCb
             # adjoint states: g[t] = C[t] dy[t] + a[t+1] g[t+1], entering from the next block
-            torch.mul(dyg, self._rows(self.Ck, s, e), out=g[:n].view(n, batch, gc, dim // gc, N))
+            torch.mul(dyg, self._rows(self.Ck, self.c_fixed, s, e), out=g[:n].view(n, batch, gc, dim // gc, N))
             g[n:].zero_()
             chunked_linear_scan_(a[1 : lb + 1], g, self.chunk, h0=g_carry, reverse=True)
             g_carry.copy_(g[0])
@@ -279,11 +283,11 @@ class _Scan:
             # b = dt * u * B
             gv = gn.view(n, batch, gb, dim // gb, N)
             dBb = torch.matmul(self.dtuT[s:e].view(n, batch, gb, 1, dim // gb), gv)
-            if dB5.shape[0] == 1:
+            if self.b_fixed:
                 dB5 += dBb.sum(dim=(0, 1), keepdim=True)
             else:
                 dB5[s:e] = dBb
-            sB = torch.matmul(gv, self._rows(self.Bk, s, e).transpose(-1, -2)).view(n, batch, dim)
+            sB = torch.matmul(gv, self._rows(self.Bk, self.b_fixed, s, e).transpose(-1, -2)).view(n, batch, dim)
             duT[s:e] += sB * self.dtT[s:e]
             ddtT[s:e] = sB * self.uT[s:e]
             # a = exp(dt * A): d(loss)/d(dt * A) = g * h[t-1] * a

@@ -7,7 +7,7 @@ VM-UNet / Mamba-UNet block (``ln_1`` + ``self_attention`` there; ``norm`` + ``op
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint as checkpoint

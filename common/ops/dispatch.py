@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -43,7 +43,7 @@ SCAN_BACKENDS = ("torch", "mamba_ssm", "triton", "ref")
 _GPU_PREFERENCE = ("triton", "mamba_ssm")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_mamba_ssm() -> tuple[Callable | None, str | None]:
     try:
         mod = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
@@ -52,7 +52,7 @@ def _load_mamba_ssm() -> tuple[Callable | None, str | None]:
         return None, f"mamba_ssm is not importable ({type(err).__name__}: {err})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_triton() -> tuple[Callable | None, str | None]:
     try:
         mod = importlib.import_module("common.ops.scan_triton")
