@@ -145,6 +145,8 @@ def test_gradients_match_reference(device, backend, dtype, length, groups, n, b_
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("b_form", ["grouped", "shared", "fixed"])
 def test_gradcheck_float64(device, backend, b_form):
+    if backend == "mamba_ssm":
+        pytest.skip("mamba-ssm's CUDA kernel has no float64 instantiation")
     u, delta, A, B, C, D, z, bias = make_inputs(1, 4, 13, 3, 2, torch.float64, device, b_form=b_form)
     A, D, bias = A.double(), D.double(), bias.double()
     leaves = [t.detach().requires_grad_(True) for t in (u, delta, A, B, C, D, z, bias)]
