@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from collections.abc import Callable
 
 import torch
 
-from .scan_ref import selective_scan_ref
+from .scan_ref import check_scan_inputs, selective_scan_ref
 from .scan_torch import selective_scan_torch
 
 __all__ = [
@@ -102,13 +103,34 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     return backend
 
 
+def _groups(x: torch.Tensor) -> int | None:
+    """Group count of a B/C tensor: None when fixed (dim, N), 1 for (batch, N, L)."""
+    return None if x.dim() == 2 else (1 if x.dim() == 3 else x.shape[1])
+
+
+def _selective_scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """mamba-ssm's kernel, with B and C brought to the one group count the kernel accepts."""
+    gb, gc = _groups(B), _groups(C)
+    if gb is not None and gc is not None and gb != gc:
+        g = math.lcm(gb, gc)  # a group split finer is the same operator: repeat each group's rows
+        B = B.unsqueeze(1) if B.dim() == 3 else B
+        C = C.unsqueeze(1) if C.dim() == 3 else C
+        B, C = B.repeat_interleave(g // gb, dim=1), C.repeat_interleave(g // gc, dim=1)
+    elif (gb is None and (gc or 1) > 1) or (gc is None and (gb or 1) > 1):
+        raise RuntimeError(
+            "selective_scan: mamba-ssm's kernel cannot combine a fixed (dim, N) B or C with a grouped "
+            f"(batch, groups>1, N, L) one (B {tuple(B.shape)}, C {tuple(C.shape)}); use backend='torch'"
+        )
+    return _load_mamba_ssm()[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
 def _implementation(name: str) -> Callable:
     if name == "torch":
         return selective_scan_torch
     if name == "ref":
         return selective_scan_ref
     if name == "mamba_ssm":
-        return _load_mamba_ssm()[0]
+        return _selective_scan_mamba_ssm
     return _load_triton()[0]
 
 
@@ -145,6 +167,7 @@ def selective_scan(
         ``out`` ``(batch, dim, L)`` in ``u``'s dtype (state math in float32), or
         ``(out, last_state)``.
     """
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_backend(backend, u.device)
     return _implementation(name)(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
