@@ -252,15 +252,18 @@ def _env_with_repo_on_path():
 
 
 def test_import_is_lazy():
+    """Importing and using common on CPU loads none of the GPU packages (beyond what torch/MONAI load)."""
     code = textwrap.dedent(
         """
-        import sys, json, torch
+        import sys, json, torch, monai, monai.networks.layers
+        gpu = ("mamba_ssm", "causal_conv1d", "triton")
+        before = {m for m in gpu if m in sys.modules}
         import common, common.ops, common.networks
         from common.ops import selective_scan, available_backends
         available_backends("cpu")
         u = torch.randn(1, 4, 6)
         selective_scan(u, u, -torch.ones(4, 2), torch.randn(1, 2, 6), torch.randn(1, 2, 6))
-        print(json.dumps([m for m in ("mamba_ssm", "causal_conv1d", "triton") if m in sys.modules]))
+        print(json.dumps(sorted({m for m in gpu if m in sys.modules} - before)))
         """
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
