@@ -158,9 +158,13 @@ def _depth(path: str) -> int:
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as data:
+            missing = [k for k in ("img", "label") if k not in data.files]
+            if missing:
+                raise ValueError(f"{path}: npz file has no {missing[0]!r} array (it has {data.files}; "
+                                 "expected 'img' and 'label')")
             img, label = data["img"], data["label"]
-    except KeyError as err:
-        raise ValueError(f"{path}: npz file has no {err} array (expected 'img' and 'label')") from None
+    except ValueError:
+        raise
     except Exception as err:
         raise ValueError(f"{path}: cannot read npz file ({err})") from err
     if img.shape != label.shape:

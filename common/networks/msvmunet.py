@@ -191,13 +191,15 @@ class VMambaEncoder(nn.Module):
             nn.Conv2d(in_channels, stem, 3, stride=2, padding=1), nn.Identity(), LayerNorm2d(stem), nn.Identity(),
             nn.GELU(),
         )
-        self.layer1 = nn.Sequential(nn.Conv2d(stem, dims[0], 3, stride=2, padding=1), nn.Identity(), LayerNorm2d(dims[0]))
+        self.layer1 = nn.Sequential(
+            nn.Conv2d(stem, dims[0], 3, stride=2, padding=1), nn.Identity(), LayerNorm2d(dims[0])
+        )
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         vss = dict(ssm_d_state=ssm_d_state, ssm_ratio=ssm_ratio, ssm_conv=ssm_conv, ssm_conv_bias=ssm_conv_bias,
                    mlp_ratio=mlp_ratio, use_checkpoint=use_checkpoint, scan_backend=scan_backend)
         self.layers = nn.ModuleList()
         self.downsamples = nn.ModuleList()
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
+        for i, dim in enumerate(dims):
             self.layers.append(_vss_stage(dim, dpr[sum(depths[:i]) : sum(depths[: i + 1])], **vss))
             if i < len(dims) - 1:
                 self.downsamples.append(nn.Sequential(
