@@ -28,10 +28,10 @@ BUNDLES = {
 # small settings for a CPU run on the sample data (the sample slices are 96 x 96)
 QUICK = {
     "msvmunet_acdc": {
-        "training": {"image_size": 96, "epochs": 3, "batch_size": 8, "val_interval": 1, "num_workers": 0,
+        "training": {"image_size": 96, "epochs": 8, "batch_size": 8, "val_interval": 2, "num_workers": 0,
                      "show_progress": False},
         "evaluating": {"image_size": 96, "num_workers": 0},
-        "inference": {"image_size": 96},
+        "inference": {"image_size": 96, "save_overlays": True},
     },
 }
 
@@ -76,7 +76,8 @@ def main(argv=None) -> None:
         run_workflow(root, workflow, settings)
     print(f"\noutputs of {args.bundle}:")
     for label, rel in (("checkpoints", "models"), ("evaluation tables", "eval/summary.csv"),
-                       ("per-volume metrics", "eval/per_volume.csv"), ("segmentations", "eval/predictions")):
+                       ("per-volume metrics", "eval/per_volume.csv"),
+                       ("segmentations + PNG overlays", "eval/predictions")):
         path = os.path.join(root, rel)
         if os.path.exists(path):
             print(f"  {label:<20} {path}")

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from common.bundle_run import REPO, run_workflow
 from common.data import LoadACDCd, acdc_datalist, detect_acdc_layout, make_acdc_sample
@@ -173,7 +174,7 @@ def test_bundle_cli_train_evaluate_infer(tmp_path):
     assert [r["case"] for r in metrics["per_volume"]] == ["case_008_volume_ED", "case_008_volume_ES",
                                                           "case_009_volume_ED", "case_009_volume_ES"]
     assert {"val_mean_dice_RV", "val_hd95_LV"} <= set(metrics["per_volume"][0])
-    run_workflow(root, "inference", {"image_size": 96}, capture=True)
+    run_workflow(root, "inference", {"image_size": 96, "save_overlays": True}, capture=True)
     sources = sorted(f for f in _walk(os.path.join(root, "sample_data", "nifti", "testing")) if "_gt" not in f)
     assert len(sources) == 4
     for src in sources:
@@ -182,6 +183,8 @@ def test_bundle_cli_train_evaluate_infer(tmp_path):
         assert pred.shape == img.shape and np.allclose(pred.affine, img.affine)
         assert pred.get_data_dtype() == np.uint8
         assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3}
+        with Image.open(out.replace("_seg.nii.gz", "_overlay.png")) as im:  # a 96 x 96 tile per slice, 8 slices
+            assert im.size == (96 * 8, 96) and im.mode == "RGB"
 
 
 def _walk(folder):
