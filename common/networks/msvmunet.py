@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .blocks import LayerNorm2d, Linear2d, VSSBlock
+from .blocks import LayerNorm2d, Linear2d, Mlp, VSSBlock
 
 __all__ = [
     "MSVMUNet",
@@ -87,10 +87,11 @@ class MSConv(nn.Module):
         return out
 
 
-class MSMLP(nn.Module):
+class MSMLP(Mlp):
     """Multi-scale FFN: ``fc1 -> GELU -> dropout -> MSConv -> fc2 -> dropout`` (channel-first).
 
-    Call signature matches :class:`common.networks.blocks.Mlp` so it plugs into ``VSSBlock``.
+    :class:`common.networks.blocks.Mlp` with depth-wise multi-scale convolutions after the
+    activation; same call signature, so it plugs into ``VSSBlock(mlp_layer=MSMLP)``.
     """
 
     def __init__(
@@ -103,15 +104,10 @@ class MSMLP(nn.Module):
         channel_first: bool = True,
         kernel_sizes: Sequence[int] = (1, 3, 5),
     ) -> None:
-        super().__init__()
         if not channel_first:
             raise ValueError("MSMLP works on channel-first (B, C, H, W) maps; use channel_first=True")
-        hidden_features = hidden_features or in_features
-        self.fc1 = Linear2d(in_features, hidden_features)
-        self.act = act_layer()
-        self.multiscale_conv = MSConv(hidden_features, kernel_sizes)
-        self.fc2 = Linear2d(hidden_features, out_features or in_features)
-        self.drop = nn.Dropout(drop)
+        super().__init__(in_features, hidden_features, out_features, act_layer, drop, channel_first=True)
+        self.multiscale_conv = MSConv(self.fc1.out_features, kernel_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.act(self.fc1(x)))
