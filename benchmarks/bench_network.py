@@ -1,0 +1,120 @@
+"""Whole-network speed: training step and inference latency per selective-scan backend.
+
+For each backend available on the device: a training step (forward, loss, backward, AdamW step)
+at the paper's batch and input size, in float32 and bfloat16 autocast, and inference latency for
+one slice and a batch; images/s and peak GPU memory. Writes JSON under ``benchmarks/results/``.
+
+    python benchmarks/bench_network.py --network msvmunet --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.ops import available_backends  # noqa: E402
+
+NETWORKS = {
+    # name: (builder, classes, in_channels, size, paper batch)
+    "msvmunet": ("common.networks.msvmunet:msvmunet_tiny", 4, 1, 224, 32),
+}
+
+
+def build(name: str, backend: str):
+    target, classes, in_ch, _, _ = NETWORKS[name]
+    module, fn = target.split(":")
+    mod = __import__(module, fromlist=[fn])
+    return getattr(mod, fn)(in_channels=in_ch, num_classes=classes, scan_backend=backend)
+
+
+def timed(fn, device, repeat, warmup):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def measure(network: str, backend: str, precision: str, batch: int, size: int, device, repeat: int) -> dict:
+    """Training step and inference timings of one network / backend / precision."""
+    _, classes, in_ch, _, _ = NETWORKS[network]
+    torch.manual_seed(0)
+    model = build(network, backend).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    x = torch.randn(batch, in_ch, size, size, device=device)
+    y = torch.randint(0, classes, (batch, size, size), device=device)
+    amp = precision == "bf16"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    ms = timed(step, device, repeat, 3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        one = timed(lambda: model(x[:1]), device, repeat, 3)
+        full = timed(lambda: model(x), device, repeat, 3)
+    return dict(backend=backend, precision=precision, batch=batch, size=size,
+                train_step_ms=round(ms, 2), train_images_per_s=round(batch * 1000 / ms, 1),
+                train_peak_gib=round(peak, 2) if peak is not None else None,
+                infer_batch1_ms=round(one, 2), infer_images_per_s=round(batch * 1000 / full, 1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--network", choices=sorted(NETWORKS), default="msvmunet")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default: the paper's)")
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    _, _, _, size, batch = NETWORKS[args.network]
+    size, batch = args.size or size, args.batch or batch
+    backends = args.backends or [b for b in available_backends(device) if b != "ref"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    rows = []
+    for backend in backends:
+        for precision in ("fp32", "bf16"):
+            row = measure(args.network, backend, precision, batch, size, device, args.repeat)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    today = dt.date.today().isoformat()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"network_{args.network}_{device.type}_{today}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(dict(benchmark="network", network=args.network, date=today, device=name,
+                       torch=torch.__version__, results=rows), f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
