@@ -69,9 +69,16 @@ def _msvmunet(num_classes: int) -> nn.Module:
     return msvmunet_tiny(in_channels=1, num_classes=num_classes)
 
 
+def _mssmamba(num_classes: int) -> nn.Module:
+    from .mssmamba import mssmamba
+
+    return mssmamba(in_channels=1, num_classes=num_classes, img_size=224)
+
+
 NETWORKS: dict[str, tuple[Callable[[int], nn.Module], int, tuple[int, ...]]] = {
     # name: (builder(num_classes), default classes, input shape)
     "msvmunet": (_msvmunet, 4, (1, 1, 224, 224)),
+    "mssmamba": (_mssmamba, 9, (1, 1, 224, 224)),
 }
 
 
