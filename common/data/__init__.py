@@ -9,6 +9,15 @@ from .acdc import (
     load_acdc,
     make_acdc_sample,
 )
+from .synapse import (
+    BTCV_TO_SYNAPSE,
+    SYNAPSE_CLASSES,
+    LoadSynapsed,
+    detect_synapse_layout,
+    ensure_synapse_sample,
+    make_synapse_sample,
+    synapse_datalist,
+)
 
 __all__ = [
     "ACDC_CLASSES",
@@ -18,4 +27,11 @@ __all__ = [
     "ensure_acdc_sample",
     "load_acdc",
     "make_acdc_sample",
+    "BTCV_TO_SYNAPSE",
+    "SYNAPSE_CLASSES",
+    "LoadSynapsed",
+    "detect_synapse_layout",
+    "ensure_synapse_sample",
+    "make_synapse_sample",
+    "synapse_datalist",
 ]

@@ -34,6 +34,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
+from .sample import ensure_generated
+
 __all__ = [
     "ACDC_CLASSES",
     "acdc_datalist",
@@ -322,21 +324,5 @@ def make_acdc_sample(out_dir: str, n_train: int = 6, n_valid: int = 1, n_test: i
 
 def ensure_acdc_sample(out_dir: str, **kwargs) -> str:
     """Generate the sample set into ``out_dir`` unless it is already there (atomic: temp dir + rename)."""
-    marker = os.path.join(out_dir, "mtunet", "lists_ACDC", "test.txt")
-    if os.path.isfile(marker):
-        return out_dir
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix=".acdc_sample_", dir=parent)
-    make_acdc_sample(tmp, **kwargs)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process made it first, or out_dir exists non-empty
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(marker):
-            raise
-    return out_dir
+    return ensure_generated(out_dir, os.path.join("mtunet", "lists_ACDC", "test.txt"),
+                            lambda tmp: make_acdc_sample(tmp, **kwargs))
