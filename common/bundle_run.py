@@ -24,6 +24,11 @@ BUNDLES = {
         "evaluating": ["configs/train.json", "configs/evaluate.json"],
         "inference": ["configs/inference.json"],
     },
+    "mssmamba_synapse": {
+        "training": ["configs/train.json"],
+        "evaluating": ["configs/train.json", "configs/evaluate.json"],
+        "inference": ["configs/inference.json"],
+    },
 }
 # small settings for a CPU run on the sample data (the sample slices are 96 x 96)
 QUICK = {
@@ -32,6 +37,12 @@ QUICK = {
                      "show_progress": False},
         "evaluating": {"image_size": 96, "num_workers": 0},
         "inference": {"image_size": 96, "save_overlays": True},
+    },
+    "mssmamba_synapse": {
+        "training": {"image_size": 64, "epochs": 6, "batch_size": 8, "val_interval": 2, "num_workers": 0,
+                     "show_progress": False},
+        "evaluating": {"image_size": 64, "num_workers": 0},
+        "inference": {"image_size": 64, "save_overlays": True},
     },
 }
 

@@ -1,0 +1,74 @@
+"""The mssmamba_synapse bundle end to end through the MONAI bundle CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+from common.bundle_run import REPO, run_workflow
+
+BUNDLE = os.path.join(REPO, "mssmamba_synapse")
+SCHEMA = os.path.join(REPO, "..", "shared", "schemas", "meta_schema_20240725.json")
+QUICK = {"image_size": 64, "batch_size": 8, "num_workers": 0, "show_progress": False}
+ORGANS = ["aorta", "gallbladder", "left_kidney", "right_kidney", "liver", "pancreas", "spleen", "stomach"]
+
+
+def fresh_bundle(tmp_path) -> str:
+    dst = os.path.join(str(tmp_path), "mssmamba_synapse")
+    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("sample_data", "eval", "*.pt"))
+    return dst
+
+
+def test_metadata_is_valid():
+    meta_file = os.path.join(BUNDLE, "configs", "metadata.json")
+    if os.path.isfile(SCHEMA):
+        res = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta_file,
+                              "--filepath", SCHEMA], capture_output=True, text=True)
+        assert res.returncode == 0 and "metadata is verified with no error" in res.stdout + res.stderr
+    with open(meta_file) as f:
+        meta = json.load(f)
+    channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert [channels[str(i)] for i in range(1, 9)] == [o.replace("_", " ") for o in ORGANS]
+
+
+def test_verify_net_in_out():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+         "configs/metadata.json", "--config_file", "configs/inference.json", "--device", "cpu"],
+        cwd=BUNDLE, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "data shape of network is verified with no error" in res.stdout + res.stderr
+
+
+def test_bundle_cli_train_evaluate_infer(tmp_path):
+    root = fresh_bundle(tmp_path)
+    run_workflow(root, "training", {**QUICK, "epochs": 1, "val_interval": 1}, capture=True)
+    for name in ("model.pt", "model_final.pt"):
+        ckpt = torch.load(os.path.join(root, "models", name), map_location="cpu", weights_only=True)
+        assert "hlaem.alise2.weight" in ckpt.get("model", ckpt)
+    run_workflow(root, "evaluating", {"image_size": 64, "num_workers": 0}, capture=True)
+    with open(os.path.join(root, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert [r["case"] for r in metrics["per_volume"]] == ["case0001", "case0002"]
+    assert {f"val_mean_dice_{o}" for o in ORGANS} | {f"val_hd95_{o}" for o in ORGANS} <= set(metrics["per_volume"][0])
+    run_workflow(root, "inference", {"image_size": 64, "save_overlays": True}, capture=True)
+    sources = sorted(os.path.join(root, "sample_data", "nifti", "img", f) for f in
+                     os.listdir(os.path.join(root, "sample_data", "nifti", "img")))
+    assert len(sources) == 8
+    for src in sources:
+        out = os.path.join(root, "eval", "predictions", os.path.basename(src).replace(".nii.gz", "_seg.nii.gz"))
+        pred, img = nib.load(out), nib.load(src)
+        assert pred.shape == img.shape and np.allclose(pred.affine, img.affine)
+        assert pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(range(9))
+        with Image.open(out.replace("_seg.nii.gz", "_overlay.png")) as im:
+            assert im.size[1] == 96 and im.mode == "RGB"
