@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Mlp
+from .checkpoint import load_mapped, read_state_dict, tensors_of
 from .resnet import resnet50_trunk
 from .vssm import VSSLayer, init_vmamba_v0_weights, remap_vmamba_v0_keys
 
@@ -486,15 +487,6 @@ _DROP = re.compile(
 )
 
 
-def _unwrap(obj) -> dict:
-    for key in ("model", "state_dict", "network", "model_state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            return _unwrap(obj[key])
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
-    return obj
-
-
 def checkpoint_filter_fn(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:
     """Map an original MSSMamba checkpoint, or a VMamba v0 / VM-UNet one, onto :class:`MSSMamba`'s keys.
 
@@ -507,7 +499,7 @@ def checkpoint_filter_fn(state_dict: dict) -> tuple[dict[str, torch.Tensor], str
 
     Returns the mapped dict and the source (``"mssmamba"`` or ``"vmamba"``).
     """
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in _unwrap(state_dict).items()}
+    sd = tensors_of(state_dict)
     if any(k.startswith(("All2Cross.", "ConvUp_")) for k in sd):
         return remap_vmamba_v0_keys({k: v for k, v in sd.items() if not _DROP.match(k)}), "mssmamba"
     keys = {k: v for k, v in sd.items() if re.match(r"^layers\.[0-2]\.", k)}
@@ -525,27 +517,10 @@ def load_pretrained(model: MSSMamba, path: str, strict: bool | None = None) -> d
     HLAEM weights they cannot hold) raises on missing or unexpected keys.
     Returns ``source``, ``loaded``, ``missing``, ``unexpected``, ``shape_mismatch``.
     """
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as err:
-        raise ValueError(f"cannot load checkpoint {path} as plain tensors (weights_only=True): {err}") from err
-    mapped, source = checkpoint_filter_fn(raw)
+    mapped, source = checkpoint_filter_fn(read_state_dict(path))
     own = model.state_dict()
-    mismatch = [k for k, v in mapped.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    usable = {k: v for k, v in mapped.items() if k in own and k not in mismatch}
-    unexpected = sorted(k for k in mapped if k not in own)
     if source == "mssmamba":
         expected = [k for k in own if not k.startswith("hlaem.")]
     else:
         expected = [k for k in own if k.startswith("All2Cross.pyramid.vmunet.")]
-    missing = sorted(k for k in expected if k not in usable)
-    report = dict(source=source, loaded=len(usable), missing=missing, unexpected=unexpected, shape_mismatch=mismatch)
-    strict = (source == "mssmamba") if strict is None else strict
-    if strict and (missing or unexpected or mismatch):
-        raise ValueError(f"checkpoint {path} ({source}) does not match MSSMamba: {len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(mismatch)} with another shape "
-                         f"(first: {(missing + unexpected + mismatch)[:5]})")
-    model.load_state_dict(usable, strict=False)
-    return report
+    return load_mapped(model, mapped, source, expected, (source == "mssmamba") if strict is None else strict, path)

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from .blocks import LayerNorm2d, Linear2d, Mlp, VSSBlock
+from .checkpoint import load_mapped, read_state_dict, tensors_of
+from .vssm import init_vmamba_v0_weights
 
 __all__ = [
     "MSVMUNet",
@@ -204,18 +206,7 @@ class VMambaEncoder(nn.Module):
                 ))
             else:
                 self.downsamples.append(nn.Identity())
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # VMamba's VSSM init: truncated-normal linear weights, unit LayerNorms
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_vmamba_v0_weights(self)  # VMamba's VSSM init: truncated-normal linear weights, unit LayerNorms
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.layer1(self.layer0(x))
@@ -345,16 +336,6 @@ _VMAMBA_STEM = {"patch_embed.0.": "layer0.0.", "patch_embed.2.": "layer0.2.",
 _VMAMBA_SKIP = re.compile(r"^(classifier\.|head\.|norm\.|pos_embed$)")
 
 
-def _unwrap(obj) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint: plain, or under 'model' / 'state_dict' / 'network'."""
-    for key in ("model", "state_dict", "network", "model_state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            return _unwrap(obj[key])
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
-    return obj
-
-
 def checkpoint_filter_fn(state_dict: dict, model: MSVMUNet | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Map a foreign checkpoint's keys onto :class:`MSVMUNet`'s (timm's ``checkpoint_filter_fn`` idea).
 
@@ -369,7 +350,7 @@ def checkpoint_filter_fn(state_dict: dict, model: MSVMUNet | None = None) -> tup
 
     Returns the mapped dict and the detected source (``"msvmunet"`` or ``"vmamba"``).
     """
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in _unwrap(state_dict).items()}
+    sd = tensors_of(state_dict)
     if any(k.startswith(("encoder.", "decoder.")) for k in sd):
         return sd, "msvmunet"
     if not any(k.startswith(("patch_embed.", "layers.")) for k in sd):
@@ -397,25 +378,7 @@ def load_pretrained(model: MSVMUNet, path: str, strict: bool | None = None) -> d
 
     Returns a report: ``source``, ``loaded`` (count), ``missing``, ``unexpected``, ``shape_mismatch``.
     """
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as err:  # pickle needing code, corrupt file
-        raise ValueError(f"cannot load checkpoint {path} as plain tensors (weights_only=True): {err}") from err
-    mapped, source = checkpoint_filter_fn(raw, model)
-    own = model.state_dict()
-    mismatch = [k for k, v in mapped.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    usable = {k: v for k, v in mapped.items() if k in own and k not in mismatch}
-    unexpected = sorted(k for k in mapped if k not in own)
-    expected = own.keys() if source == "msvmunet" else [k for k in own if k.startswith("encoder.")]
-    missing = sorted(k for k in expected if k not in usable)
-    report = dict(source=source, loaded=len(usable), missing=missing, unexpected=unexpected, shape_mismatch=mismatch)
-    strict = (source == "msvmunet") if strict is None else strict
-    if strict and (missing or unexpected or mismatch):
-        raise ValueError(
-            f"checkpoint {path} ({source}) does not match MSVMUNet: {len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(mismatch)} with another shape (first: {(missing + unexpected + mismatch)[:5]})"
-        )
-    model.load_state_dict(usable, strict=False)
-    return report
+    mapped, source = checkpoint_filter_fn(read_state_dict(path), model)
+    expected = model.state_dict().keys() if source == "msvmunet" else \
+        [k for k in model.state_dict() if k.startswith("encoder.")]
+    return load_mapped(model, mapped, source, expected, (source == "msvmunet") if strict is None else strict, path)
