@@ -14,13 +14,13 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_scan import timed  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from common.ops import available_backends  # noqa: E402
 
 NETWORKS = {
@@ -34,21 +34,6 @@ def build(name: str, backend: str):
     module, fn = target.split(":")
     mod = __import__(module, fromlist=[fn])
     return getattr(mod, fn)(in_channels=in_ch, num_classes=classes, scan_backend=backend)
-
-
-def timed(fn, device, repeat, warmup):
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def measure(network: str, backend: str, precision: str, batch: int, size: int, device, repeat: int) -> dict:

@@ -4,49 +4,31 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
+import bundle_checks
 import nibabel as nib
 import numpy as np
 import torch
 from PIL import Image
 
-from common.bundle_run import REPO, run_workflow
+from common.bundle_run import run_workflow
 
-BUNDLE = os.path.join(REPO, "mssmamba_synapse")
-SCHEMA = os.path.join(REPO, "..", "shared", "schemas", "meta_schema_20240725.json")
 QUICK = {"image_size": 64, "batch_size": 8, "num_workers": 0, "show_progress": False}
 ORGANS = ["aorta", "gallbladder", "left_kidney", "right_kidney", "liver", "pancreas", "spleen", "stomach"]
 
 
 def fresh_bundle(tmp_path) -> str:
-    dst = os.path.join(str(tmp_path), "mssmamba_synapse")
-    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("sample_data", "eval", "*.pt"))
-    return dst
+    return bundle_checks.fresh_bundle("mssmamba_synapse", tmp_path)
 
 
 def test_metadata_is_valid():
-    meta_file = os.path.join(BUNDLE, "configs", "metadata.json")
-    if os.path.isfile(SCHEMA):
-        res = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta_file,
-                              "--filepath", SCHEMA], capture_output=True, text=True)
-        assert res.returncode == 0 and "metadata is verified with no error" in res.stdout + res.stderr
-    with open(meta_file) as f:
-        meta = json.load(f)
+    meta = bundle_checks.check_metadata("mssmamba_synapse")
     channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert [channels[str(i)] for i in range(1, 9)] == [o.replace("_", " ") for o in ORGANS]
 
 
 def test_verify_net_in_out():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
-         "configs/metadata.json", "--config_file", "configs/inference.json", "--device", "cpu"],
-        cwd=BUNDLE, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "data shape of network is verified with no error" in res.stdout + res.stderr
+    bundle_checks.check_net_in_out("mssmamba_synapse")
 
 
 def test_bundle_cli_train_evaluate_infer(tmp_path):

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
+import bundle_checks
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from common.bundle_run import REPO, run_workflow
+from common.bundle_run import run_workflow
 from common.data import LoadACDCd, acdc_datalist, detect_acdc_layout, make_acdc_sample
 
-BUNDLE = os.path.join(REPO, "msvmunet_acdc")
-SCHEMA = os.path.join(REPO, "..", "shared", "schemas", "meta_schema_20240725.json")
 QUICK = {"image_size": 96, "batch_size": 8, "num_workers": 0, "show_progress": False}
 
 
@@ -28,10 +24,7 @@ def sample(tmp_path_factory):
 
 
 def fresh_bundle(tmp_path) -> str:
-    """A copy of the bundle folder without outputs, so runs do not touch the repository."""
-    dst = os.path.join(str(tmp_path), "msvmunet_acdc")
-    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("sample_data", "eval", "*.pt"))
-    return dst
+    return bundle_checks.fresh_bundle("msvmunet_acdc", tmp_path)
 
 
 # ---------------------------------------------------------------- data
@@ -138,28 +131,13 @@ def test_segmentation_report_writes_tables(tmp_path):
 
 
 def test_metadata_is_valid():
-    meta_file = os.path.join(BUNDLE, "configs", "metadata.json")
-    if os.path.isfile(SCHEMA):
-        res = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta_file,
-                              "--filepath", SCHEMA], capture_output=True, text=True)
-        assert res.returncode == 0 and "metadata is verified with no error" in res.stdout + res.stderr
-    with open(meta_file) as f:
-        meta = json.load(f)
-    for key in ("schema", "version", "monai_version", "pytorch_version", "numpy_version",
-                "required_packages_version", "task", "description", "authors", "copyright", "network_data_format"):
-        assert key in meta, key
+    meta = bundle_checks.check_metadata("msvmunet_acdc")
     assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values())[1:] == \
         ["right ventricle", "myocardium", "left ventricle"]
 
 
 def test_verify_net_in_out():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
-         "configs/metadata.json", "--config_file", "configs/inference.json", "--n", "2", "--device", "cpu"],
-        cwd=BUNDLE, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "data shape of network is verified with no error" in res.stdout + res.stderr
+    bundle_checks.check_net_in_out("msvmunet_acdc", "--n", "2")
 
 
 def test_bundle_cli_train_evaluate_infer(tmp_path):

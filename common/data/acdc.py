@@ -34,7 +34,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
-from .sample import ensure_generated
+from .sample import ensure_generated, expand_slices
 
 __all__ = [
     "ACDC_CLASSES",
@@ -106,22 +106,14 @@ def acdc_datalist(dataset_dir: str, split: str, slices: bool | None = None) -> l
             items.append({"image": path, "label": path, "case": os.path.splitext(os.path.basename(path))[0]})
         is_volume = bool(items) and _depth_or_none(items[0]["image"]) is not None
         if slices and is_volume:
-            return _expand_slices(items)
+            return expand_slices(items, _depth)
         if not slices and items and not is_volume:
             return _group_slices(items)
         return items
     cases = _nifti_cases(dataset_dir, "training" if split == "train" else "testing")
     if not cases:
         raise ValueError(f"no patient*_frame*_gt.nii[.gz] files for split '{split}' under {dataset_dir}")
-    return _expand_slices(cases) if slices else cases
-
-
-def _expand_slices(volumes: list[dict]) -> list[dict]:
-    out = []
-    for item in volumes:
-        depth = _depth(item["image"])
-        out.extend({**item, "slice": k} for k in range(depth))
-    return out
+    return expand_slices(cases, _depth) if slices else cases
 
 
 _SLICE_RE = re.compile(r"^(.*)_slice([A-Za-z]+)_(\d+)$")

@@ -1,4 +1,4 @@
-"""Generating sample data once, atomically."""
+"""Helpers shared by the dataset modules: generating sample data once, expanding volumes to slices."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
-__all__ = ["ensure_generated"]
+__all__ = ["ensure_generated", "expand_slices"]
 
 
 def ensure_generated(out_dir: str, marker: str, make: Callable[[str], object]) -> str:
@@ -32,3 +32,8 @@ def ensure_generated(out_dir: str, marker: str, make: Callable[[str], object]) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def expand_slices(volumes: list[dict], depth_of: Callable[[str], int]) -> list[dict]:
+    """One data dict per axial slice (``slice`` = index along the last axis) of each volume dict."""
+    return [{**item, "slice": k} for item in volumes for k in range(depth_of(item["image"]))]

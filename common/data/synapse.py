@@ -29,7 +29,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
-from .sample import ensure_generated
+from .sample import ensure_generated, expand_slices
 
 __all__ = [
     "SYNAPSE_CLASSES",
@@ -85,20 +85,9 @@ def synapse_datalist(dataset_dir: str, split: str, slices: bool | None = None) -
     slices = (split == "train") if slices is None else slices
     if detect_synapse_layout(dataset_dir) == "transunet":
         if split == "train":
-            items = []
-            for name in _list(dataset_dir, "train.txt"):
-                path = os.path.join(dataset_dir, "train_npz", name + ".npz")
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path} is listed in lists_Synapse/train.txt but does not exist")
-                items.append({"image": path, "label": path, "case": name})
-            return items
-        vols = []
-        for name in _list(dataset_dir, "test_vol.txt"):
-            path = os.path.join(dataset_dir, "test_vol_h5", name + ".npy.h5")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is listed in lists_Synapse/test_vol.txt but does not exist")
-            vols.append({"image": path, "label": path, "case": name})
-        return _expand(vols) if slices else vols
+            return _listed(dataset_dir, "train.txt", "train_npz", ".npz")
+        vols = _listed(dataset_dir, "test_vol.txt", "test_vol_h5", ".npy.h5")
+        return expand_slices(vols, _depth) if slices else vols
     vols = []
     for image in sorted(glob.glob(os.path.join(dataset_dir, "img", "img*.nii*"))):
         case = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(image))[3:]
@@ -109,21 +98,26 @@ def synapse_datalist(dataset_dir: str, split: str, slices: bool | None = None) -
             vols.append({"image": image, "label": label, "case": "case" + case})
     if not vols:
         raise ValueError(f"no {split} cases under {dataset_dir} (test cases are {', '.join(TEST_CASES)})")
-    return _expand(vols) if slices else vols
+    return expand_slices(vols, _depth) if slices else vols
 
 
-def _expand(volumes: list[dict]) -> list[dict]:
-    out = []
-    for item in volumes:
-        path = item["image"]
-        if path.endswith((".npz", ".h5")):
-            depth = _read(path)[0].shape[-1]
-        else:
-            import nibabel as nib
+def _listed(dataset_dir: str, list_name: str, folder: str, suffix: str) -> list[dict]:
+    """Data dicts of the cases named in ``lists_Synapse/<list_name>`` (files ``<folder>/<name><suffix>``)."""
+    items = []
+    for name in _list(dataset_dir, list_name):
+        path = os.path.join(dataset_dir, folder, name + suffix)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is listed in lists_Synapse/{list_name} but does not exist")
+        items.append({"image": path, "label": path, "case": name})
+    return items
 
-            depth = nib.load(path).shape[2]
-        out.extend({**item, "slice": k} for k in range(depth))
-    return out
+
+def _depth(path: str) -> int:
+    if path.endswith((".npz", ".h5")):
+        return _read(path)[0].shape[-1]
+    import nibabel as nib
+
+    return int(nib.load(path).shape[2])
 
 
 def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
