@@ -47,10 +47,15 @@ class OverlayWriter:
         output_dir: folder for the PNG files.
         pred_key: key of the (inverted, discrete) prediction in the decollated engine output.
         max_slices: slices per montage.
+        data_root_dir: name the PNG after the source path relative to this folder (sub-folders
+            kept), so that cases whose files share a name (MSSEG-2) do not overwrite each other;
+            default: the file name alone.
     """
 
-    def __init__(self, output_dir: str, pred_key: str = "pred", max_slices: int = 8) -> None:
+    def __init__(self, output_dir: str, pred_key: str = "pred", max_slices: int = 8,
+                 data_root_dir: str | None = None) -> None:
         self.output_dir, self.pred_key, self.max_slices = output_dir, pred_key, max_slices
+        self.data_root_dir = data_root_dir
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -68,10 +73,14 @@ class OverlayWriter:
             labels = np.asarray(pred.detach().cpu())[0]
             montage = overlay_montage(np.asarray(image), labels, self.max_slices)
             name = os.path.basename(str(src))
+            if self.data_root_dir:
+                rel = os.path.relpath(os.path.abspath(str(src)), os.path.abspath(self.data_root_dir))
+                name = name if rel.startswith("..") else rel
             for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
                 if name.endswith(ext):
                     name = name[: -len(ext)]
                     break
             path = os.path.join(self.output_dir, f"{name}_overlay.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             Image.fromarray(montage).save(path + ".tmp", format="PNG")
             os.replace(path + ".tmp", path)
