@@ -75,10 +75,17 @@ def _mssmamba(num_classes: int) -> nn.Module:
     return mssmamba(in_channels=1, num_classes=num_classes, img_size=224)
 
 
+def _mambahunet(num_classes: int) -> nn.Module:
+    from .mambahunet import mambahunet
+
+    return mambahunet(in_channels=1, num_classes=num_classes)
+
+
 NETWORKS: dict[str, tuple[Callable[[int], nn.Module], int, tuple[int, ...]]] = {
     # name: (builder(num_classes), default classes, input shape)
     "msvmunet": (_msvmunet, 4, (1, 1, 224, 224)),
     "mssmamba": (_mssmamba, 9, (1, 1, 224, 224)),
+    "mambahunet": (_mambahunet, 2, (1, 1, 256, 256)),
 }
 
 
