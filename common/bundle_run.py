@@ -29,6 +29,11 @@ BUNDLES = {
         "evaluating": ["configs/train.json", "configs/evaluate.json"],
         "inference": ["configs/inference.json"],
     },
+    "mambahunet_ms": {
+        "training": ["configs/train.json"],
+        "evaluating": ["configs/train.json", "configs/evaluate.json"],
+        "inference": ["configs/inference.json"],
+    },
 }
 # small settings for a CPU run on the sample data (the sample slices are 96 x 96)
 QUICK = {
@@ -43,6 +48,12 @@ QUICK = {
                      "show_progress": False},
         "evaluating": {"image_size": 64, "num_workers": 0},
         "inference": {"image_size": 64, "save_overlays": True},
+    },
+    "mambahunet_ms": {
+        "training": {"image_size": 96, "max_iterations": 120, "batch_size": 8, "val_interval": 5, "num_workers": 0,
+                     "show_progress": False},
+        "evaluating": {"image_size": 96, "num_workers": 0},
+        "inference": {"image_size": 96, "save_overlays": True},
     },
 }
 

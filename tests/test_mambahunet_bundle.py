@@ -1,0 +1,76 @@
+"""The mambahunet_ms bundle end to end through the MONAI bundle CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import bundle_checks
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.bundle_run import run_workflow
+
+QUICK = {"image_size": 96, "batch_size": 8, "num_workers": 0, "show_progress": False}
+
+
+def fresh_bundle(tmp_path) -> str:
+    return bundle_checks.fresh_bundle("mambahunet_ms", tmp_path)
+
+
+def test_metadata_is_valid():
+    meta = bundle_checks.check_metadata("mambahunet_ms")
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "lesion"}
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [256, 256]
+
+
+def test_verify_net_in_out():
+    bundle_checks.check_net_in_out("mambahunet_ms")
+
+
+def test_bundle_cli_train_evaluate_infer(tmp_path):
+    root = fresh_bundle(tmp_path)
+    run_workflow(root, "training", {**QUICK, "max_iterations": 8, "val_interval": 1}, capture=True)
+    for name in ("model.pt", "model_final.pt"):
+        ckpt = torch.load(os.path.join(root, "models", name), map_location="cpu", weights_only=True)
+        assert any(k.startswith("decoder.") for k in ckpt.get("model", ckpt))
+    run_workflow(root, "evaluating", {"image_size": 96, "num_workers": 0}, capture=True)
+    with open(os.path.join(root, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert [r["case"] for r in metrics["per_volume"]] == ["Patient-5", "Patient-7"]  # the seed-0 test patients
+    columns = {f"val_{m}_lesion" for m in ("iou", "mean_dice", "hd95", "sensitivity", "specificity")}
+    assert columns <= set(metrics["per_volume"][0])
+    run_workflow(root, "inference", {"image_size": 96, "save_overlays": True}, capture=True)
+    sample = os.path.join(root, "sample_data")
+    with open(os.path.join(root, "eval", "predictions", "lesions.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == sorted(f"Patient-{i}/{i}-Flair" for i in range(1, 11))
+    for row in rows:
+        src = os.path.join(sample, row["case"] + ".nii.gz")
+        out = os.path.join(root, "eval", "predictions", row["case"] + "_lesions.nii.gz")
+        pred, img = nib.load(out), nib.load(src)
+        assert pred.shape == img.shape and np.allclose(pred.affine, img.affine)
+        assert pred.get_data_dtype() == np.uint8
+        mask = np.asarray(pred.dataobj)
+        assert set(np.unique(mask).tolist()) <= {0, 1}
+        voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000
+        assert float(row["lesion_volume_ml"]) == pytest.approx(mask.sum() * voxel_ml, rel=1e-5)
+        assert int(row["lesion_count"]) >= 0
+        with Image.open(out.replace("_lesions.nii.gz", "_overlay.png")) as im:
+            assert im.size[1] == 96 and im.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_learning_check_lesion_dice_at_least_0_7(tmp_path):
+    """A few minutes of CPU training on the sample data: lesion Dice >= 0.7 on the held-out test patients."""
+    root = fresh_bundle(tmp_path)
+    run_workflow(root, "training", {**QUICK, "max_iterations": 150, "val_interval": 4}, capture=True)
+    run_workflow(root, "evaluating", {"image_size": 96, "num_workers": 0}, capture=True)
+    with open(os.path.join(root, "eval", "metrics.json")) as f:
+        summary = {(s["metric"], s["class"]): s["mean"] for s in json.load(f)["summary"]}
+    print("sample-data test lesion metrics", summary)
+    assert summary[("val_mean_dice", "lesion")] >= 0.7
