@@ -220,6 +220,7 @@ def test_input_errors_are_plain():
 
 
 def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, triton runs on CPU (tests/test_scan_triton.py)
     assert resolve_backend(None, "cpu") == "torch"
     assert "torch" in available_backends("cpu") and "ref" in available_backends("cpu")
     monkeypatch.setenv(SCAN_BACKEND_ENV, "ref")

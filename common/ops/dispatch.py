@@ -4,13 +4,17 @@ Backends (all with mamba-ssm's ``selective_scan_fn`` semantics):
 
 - ``"torch"``: the chunked pure-PyTorch scan in :mod:`common.ops.scan_torch`; any device, autograd.
 - ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when the package imports and the tensors are on CUDA.
-- ``"triton"``: this project's own GPU kernel (JIT-compiled, no build step); reserved until the
-  kernel lands, reported as unavailable until then.
+- ``"triton"``: this project's own Triton kernel (:mod:`common.ops.scan_triton`, JIT-compiled on
+  first use, no build step), on CUDA tensors when triton imports. On CPU tensors it runs only under
+  Triton's interpreter, when ``TRITON_INTERPRET=1`` is set and the backend is named explicitly
+  (tests at small shapes); it is never chosen automatically there.
 - ``"ref"``: the sequential reference (tests and debugging only; never chosen automatically).
 
 Choosing: the ``backend`` argument wins, then the environment variable
 ``MAMBA_BUNDLES_SCAN_BACKEND`` (``auto`` or empty means automatic), then automatic choice: on
-CUDA the fastest available GPU backend (``triton``, then ``mamba_ssm``), otherwise ``torch``.
+CUDA the fastest available GPU backend (``mamba_ssm`` when it is installed: its kernel is still
+1.6-4x faster than ours on an H100, ``benchmarks/README.md``; else ``triton``, which needs no
+build step), otherwise ``torch``.
 A backend that was asked for by name and cannot run raises ``RuntimeError`` saying why.
 
 Nothing here imports mamba_ssm or triton until a CUDA tensor asks for them.
@@ -41,7 +45,8 @@ __all__ = [
 
 SCAN_BACKEND_ENV = "MAMBA_BUNDLES_SCAN_BACKEND"
 SCAN_BACKENDS = ("torch", "mamba_ssm", "triton", "ref")
-_GPU_PREFERENCE = ("triton", "mamba_ssm")
+# fastest first (H100 measurements in benchmarks/README.md); triton moves ahead once it beats mamba-ssm
+_GPU_PREFERENCE = ("mamba_ssm", "triton")
 
 
 @functools.cache
@@ -58,8 +63,8 @@ def _load_triton() -> tuple[Callable | None, str | None]:
     try:
         mod = importlib.import_module("common.ops.scan_triton")
     except ModuleNotFoundError as err:
-        if err.name in ("common.ops.scan_triton", "triton"):
-            return None, "the triton backend is not implemented yet (planned: our own Triton scan kernel)"
+        if err.name == "triton" or (err.name or "").startswith("triton."):
+            return None, f"triton is not importable ({err}); pip install triton"
         return None, f"the triton backend failed to import ({err})"
     except Exception as err:
         return None, f"the triton backend failed to import ({type(err).__name__}: {err})"
@@ -73,6 +78,11 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
         return f"unknown scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)} (or None for automatic)"
     if backend in ("torch", "ref"):
         return None
+    if backend == "triton" and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return _load_triton()[1]  # Triton's interpreter runs the kernels on CPU tensors
+        return (f"the triton backend needs CUDA tensors, got tensors on {device.type} (set TRITON_INTERPRET=1 to "
+                "run its kernels under Triton's CPU interpreter: slow, tests only)")
     if device.type != "cuda":
         return f"the {backend} backend needs CUDA tensors, got tensors on {device.type}"
     loader = _load_mamba_ssm if backend == "mamba_ssm" else _load_triton
@@ -80,9 +90,14 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on ``device`` in this environment, fastest first."""
+    """Backends that can run on ``device`` in this environment, fastest first.
+
+    Triton's CPU interpreter is not listed: it runs only when named explicitly.
+    """
+    device = torch.device(device)
     order = (*_GPU_PREFERENCE, "torch", "ref")
-    return [b for b in order if backend_unavailable_reason(b, device) is None]
+    return [b for b in order if backend_unavailable_reason(b, device) is None
+            and not (b == "triton" and device.type != "cuda")]
 
 
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:

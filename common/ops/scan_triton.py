@@ -1,0 +1,532 @@
+"""This project's own GPU selective scan, written in Triton (JIT-compiled on first use, no build step).
+
+Same signature and semantics as :func:`common.ops.scan_ref.selective_scan_ref` (mamba-ssm's
+``selective_scan_fn``): float32 state math (float64 for float64 inputs), ``out`` in ``u``'s dtype,
+``B`` / ``C`` fixed ``(dim, N)``, shared ``(batch, N, L)`` or grouped ``(batch, G, N, L)``, and
+gradients for every input, also through ``last_state``.
+
+Kernel layout. One program per (block of ``BLOCK_D`` channels of one B/C group, batch element)
+walks the sequence in chunks of ``BLOCK_L`` steps. A chunk is a ``(BLOCK_D, N, BLOCK_L)`` register
+tile: the decays ``a = exp(dt * A)`` and inputs ``b = dt * u * B`` of every step, scanned along the
+time axis with ``tl.associative_scan`` (first-order linear recurrence), plus the state carried in
+from the previous chunk; ``y = sum_n C * h`` is reduced in registers, so the states never touch
+memory. The forward stores the state entering each chunk (``batch x dim x chunks x N``, a few per
+cent of the traffic) when a gradient will be needed.
+
+The backward walks the chunks in reverse: it recomputes the chunk's states from the stored chunk
+state, runs the adjoint recurrence ``q[t] = C[t] dy[t] + a[t+1] q[t+1]`` as a reverse scan (the
+shifted decay ``a[t+1]`` comes from re-reading ``delta`` one step ahead, a cache hit), and forms
+all gradients in the same pass. Per-channel sums (``dA``, ``dD``, ``d delta_bias``, fixed
+``dB`` / ``dC``) go to per-(batch, channel) buffers summed afterwards; the time-varying ``dB`` and
+``dC`` (sums over the channels of a group) are added with float atomics, one per program and
+element (``dim / G / BLOCK_D`` contributions each), or stored directly when one block covers a
+group.
+
+Speed (H100, batch 16, SS2D shapes; benchmarks/README.md): 17-27x faster than the ``torch`` backend
+on CUDA, but not yet as fast as mamba-ssm's CUDA kernel (forward + backward 1.6-4x slower at N=1,
+2x at N=16): Triton's default layout spreads the time axis of the tile over
+the lanes, so the scans and the channel reductions cost shuffles, and the time-varying dB / dC use
+float atomics. ``benchmarks/gpu/scan_triton_5d_experiment.py`` is a variant whose forward is 2x faster.
+
+On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), for tests: if
+this module was first imported without that variable, a CPU call loads an interpreted twin.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from .scan_ref import check_scan_inputs
+
+__all__ = ["selective_scan_triton", "SelectiveScanTriton", "pick_config", "CONFIG_OVERRIDE"]
+
+# Were the kernels of this module object built for the interpreter (CPU tensors)?
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TWIN_NAME = "common.ops._scan_triton_interpreted"
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+# Benchmarks may force the launch configuration: {"fwd": (BLOCK_D, BLOCK_L, num_warps), "bwd": (...)}.
+CONFIG_OVERRIDE: dict[str, tuple[int, int, int]] = {}
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # first-order linear recurrence x = a * x_prev + b: (a1, b1) then (a2, b2)
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    # tl.reduce with our own combine rather than tl.sum: under the interpreter twin, triton.language's
+    # own jit helpers (tl.sum, tl.zeros) were built for the compiler and cannot be called
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _softplus(x):
+    e = tl.exp(tl.minimum(x, 20.0))
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log(1.0 + e)))
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, last_ptr, states_ptr,
+    dim, L, n_state, n_chunks,
+    sb_batch, sb_group, sb_n, dpg_b,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, SAVE_STATES: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < n_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    A = tl.load(A_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(CDT)
+    A2 = A * _LOG2E  # exp(dt * A) = exp2(dt * A2)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(CDT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(CDT)
+    if B_FIXED:
+        Bf = tl.load(B_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(CDT)
+    else:
+        b_base = B_ptr + pid_b * sb_batch + (d0 // dpg_b) * sb_group + offs_n[:, None] * sb_n
+    if C_FIXED:
+        Cf = tl.load(C_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(CDT)
+    else:
+        c_base = C_ptr + pid_b * sc_batch + (d0 // dpg_c) * sc_group + offs_n[:, None] * sc_n
+
+    row = (pid_b * dim + offs_d).to(tl.int64) * L  # (BLOCK_D,) offsets of the channels' rows
+    st_base = states_ptr + ((pid_b * dim + offs_d).to(tl.int64) * n_chunks)[:, None] * n_state + offs_n[None, :]
+    h = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype=CDT)
+    for c in range(0, n_chunks):
+        t = c * BLOCK_L + offs_l
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        ptrs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+        dt = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+        if HAS_BIAS:
+            dt = dt + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m2, dt, 0.0)
+        if SAVE_STATES:
+            tl.store(st_base + c * n_state, h, mask=mask_dn)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        dtu = dt * u
+        mnt = mask_n[:, None] & mask_t[None, :]
+        if B_FIXED:
+            b = dtu[:, None, :] * Bf[:, :, None]
+        else:
+            Bt = tl.load(b_base + t[None, :], mask=mnt, other=0.0).to(CDT)
+            b = dtu[:, None, :] * Bt[None, :, :]
+        acum, hs = tl.associative_scan((a, b), axis=2, combine_fn=_combine)
+        hh = hs + acum * h[:, :, None]
+        if C_FIXED:
+            y = _sum(hh * Cf[:, :, None], 1)
+        else:
+            Ct = tl.load(c_base + t[None, :], mask=mnt, other=0.0).to(CDT)
+            y = _sum(hh * Ct[None, :, :], 1)
+        h = _sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hh, 0.0), 2)
+        if HAS_D:
+            y = y + u * Dv[:, None]
+        if HAS_Z:
+            zv = tl.load(z_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+            y = y * zv / (1.0 + tl.exp(-zv))
+        tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=m2)
+    last_ptrs = last_ptr + ((pid_b * dim + offs_d).to(tl.int64) * n_state)[:, None] + offs_n[None, :]
+    tl.store(last_ptrs, h, mask=mask_dn)
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    states_ptr, dout_ptr, dlast_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    dim, L, n_state, n_chunks,
+    sb_batch, sb_group, sb_n, dpg_b,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_DLAST: tl.constexpr, FP64: tl.constexpr,
+    B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < n_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn_ptrs = ((pid_b * dim + offs_d).to(tl.int64) * n_state)[:, None] + offs_n[None, :]  # (batch, dim, N)
+
+    A = tl.load(A_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(CDT)
+    A2 = A * _LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(CDT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(CDT)
+    if B_FIXED:
+        Bf = tl.load(B_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(CDT)
+    else:
+        gb = d0 // dpg_b
+        b_off = pid_b * sb_batch + gb * sb_group + offs_n[:, None] * sb_n
+    if C_FIXED:
+        Cf = tl.load(C_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(CDT)
+    else:
+        gc = d0 // dpg_c
+        c_off = pid_b * sc_batch + gc * sc_group + offs_n[:, None] * sc_n
+
+    row = (pid_b * dim + offs_d).to(tl.int64) * L
+    st_base = states_ptr + ((pid_b * dim + offs_d).to(tl.int64) * n_chunks)[:, None] * n_state + offs_n[None, :]
+    if HAS_DLAST:
+        q_carry = tl.load(dlast_ptr + dn_ptrs, mask=mask_dn, other=0.0).to(CDT)
+    else:
+        q_carry = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype=CDT)
+    dA_acc = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype=CDT)
+    dBf_acc = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype=CDT)
+    dCf_acc = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype=CDT)
+    dD_acc = tl.full((BLOCK_D,), 0.0, dtype=CDT)
+    dbias_acc = tl.full((BLOCK_D,), 0.0, dtype=CDT)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t = c * BLOCK_L + offs_l
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        mnt = mask_n[:, None] & mask_t[None, :]
+        ptrs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+        dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+        # the decay of the next step, a[t+1] (delta re-read one step ahead: the same cache lines)
+        m2n = mask_d[:, None] & (t[None, :] + 1 < L)
+        dt_next = tl.load(dt_ptr + ptrs + 1, mask=m2n, other=0.0).to(CDT)
+        if HAS_BIAS:
+            dt_raw = dt_raw + bias[:, None]
+            dt_next = dt_next + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+            dt_next = _softplus(dt_next)
+        else:
+            dt = dt_raw
+        dt = tl.where(m2, dt, 0.0)
+        dt_next = tl.where(m2n, dt_next, 0.0)
+        dout = tl.load(dout_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+
+        # recompute this chunk's states from the state entering it
+        h0 = tl.load(st_base + c * n_state, mask=mask_dn, other=0.0)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        dtu = dt * u
+        if B_FIXED:
+            Bv = Bf[:, :, None]
+        else:
+            Bt = tl.load(B_ptr + b_off + t[None, :], mask=mnt, other=0.0).to(CDT)
+            Bv = Bt[None, :, :]
+        if C_FIXED:
+            Cv = Cf[:, :, None]
+        else:
+            Ct = tl.load(C_ptr + c_off + t[None, :], mask=mnt, other=0.0).to(CDT)
+            Cv = Ct[None, :, :]
+        b = dtu[:, None, :] * Bv
+        acum, hs = tl.associative_scan((a, b), axis=2, combine_fn=_combine)
+        hh = hs + acum * h0[:, :, None]
+
+        # output side: out = (y + D u) * silu(z)
+        if HAS_Z:
+            zv = tl.load(z_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+            y = _sum(hh * Cv, 1)
+            if HAS_D:
+                y = y + u * Dv[:, None]
+            sig = 1.0 / (1.0 + tl.exp(-zv))
+            dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
+            tl.store(dz_ptr + ptrs, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = dout * zv * sig
+        else:
+            dy = dout
+        if HAS_D:
+            dD_acc += _sum(dy * u, 1)
+            du = dy * Dv[:, None]
+        else:
+            du = tl.full((BLOCK_D, BLOCK_L), 0.0, dtype=CDT)
+
+        # dC = sum over the block's channels of dy * h
+        dyh = dy[:, None, :] * hh
+        if C_FIXED:
+            dCf_acc += _sum(dyh, 2)
+        else:
+            dC_t = _sum(dyh, 0)
+            if C_ATOMIC:
+                tl.atomic_add(dC_ptr + c_off + t[None, :], dC_t, mask=mnt)
+            else:
+                tl.store(dC_ptr + c_off + t[None, :], dC_t, mask=mnt)
+
+        # adjoint states, reverse scan: q[t] = C[t] dy[t] + a[t+1] q[t+1]
+        a_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
+        rhs = dy[:, None, :] * Cv
+        aq, qs = tl.associative_scan((a_next, rhs), axis=2, combine_fn=_combine, reverse=True)
+        q = qs + aq * q_carry[:, :, None]
+        q_carry = _sum(tl.where(offs_l[None, None, :] == 0, q, 0.0), 2)
+
+        # b = dt * u * B
+        qdtu = q * dtu[:, None, :]
+        if B_FIXED:
+            dBf_acc += _sum(qdtu, 2)
+        else:
+            dB_t = _sum(qdtu, 0)
+            if B_ATOMIC:
+                tl.atomic_add(dB_ptr + b_off + t[None, :], dB_t, mask=mnt)
+            else:
+                tl.store(dB_ptr + b_off + t[None, :], dB_t, mask=mnt)
+        sB = _sum(q * Bv, 1)
+        du = du + sB * dt
+        # a = exp(dt * A): d loss / d(dt * A) = q[t] * a[t] * h[t-1] = q[t] * (h[t] - b[t])
+        x = q * (hh - b)
+        ddt = sB * u + _sum(x * A[:, :, None], 1)
+        dA_acc += _sum(x * dt[:, None, :], 2)
+        if SOFTPLUS:
+            ddt = ddt / (1.0 + tl.exp(-dt_raw))
+        ddt = tl.where(m2, ddt, 0.0)
+        dbias_acc += _sum(ddt, 1)
+        tl.store(du_ptr + ptrs, du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddt_ptr + ptrs, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+
+    # per (batch, channel) partial sums; the wrapper sums them over the batch
+    tl.store(dA_ptr + dn_ptrs, dA_acc, mask=mask_dn)
+    if B_FIXED:
+        tl.store(dB_ptr + dn_ptrs, dBf_acc, mask=mask_dn)
+    if C_FIXED:
+        tl.store(dC_ptr + dn_ptrs, dCf_acc, mask=mask_dn)
+    bd_ptrs = pid_b * dim + offs_d
+    if HAS_D:
+        tl.store(dD_ptr + bd_ptrs, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + bd_ptrs, dbias_acc, mask=mask_d)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap that divides n."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def pick_config(kind: str, dim: int, length: int, n_state: int, group_dims: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_L, num_warps) for the forward (``kind='fwd'``) or backward kernel.
+
+    ``group_dims`` is the number of channels that share one B/C group (``dim`` when B and C are fixed):
+    a channel block never straddles two groups.
+    """
+    if kind in CONFIG_OVERRIDE:
+        bd, bl, nw = CONFIG_OVERRIDE[kind]
+        return _pow2_divisor(group_dims, bd), bl, nw
+    # the fastest forward+backward measured on an H100 (benchmarks/README.md): (4, 64, 4) at N=16,
+    # (8, 32, 4) at N=1 and L=3136, (32, 16, 8) at N=1 and L=196
+    bn = triton.next_power_of_2(n_state)
+    if bn >= 8:
+        bd, bl, nw = 4, 64, 4
+    else:
+        bd, bl, nw = (8, 32, 4) if length > 512 else (32, 16, 8)
+    bd = _pow2_divisor(group_dims, bd)
+    bl = min(bl, max(16, triton.next_power_of_2(length)))
+    return bd, bl, nw
+
+
+def _bc_layout(x: torch.Tensor, dim: int):
+    """(tensor, fixed, batch stride, group stride, n stride, channels per group) of a B or C input."""
+    if x.dim() == 2:
+        return x.contiguous(), True, 0, 0, 0, dim
+    x = x.contiguous()
+    if x.dim() == 3:  # (batch, N, L): one group
+        return x, False, x.stride(0), 0, x.stride(1), dim
+    return x, False, x.stride(0), x.stride(1), x.stride(2), dim // x.shape[1]
+
+
+def _group_dims(dim: int, *dpgs: int) -> int:
+    g = dim
+    for d in dpgs:
+        g = math.gcd(g, d)
+    return g
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        batch, dim, length = u.shape
+        n_state = A.shape[1]
+        fp64 = u.dtype == torch.float64
+        cdt = torch.float64 if fp64 else torch.float32
+        u, delta = u.contiguous(), delta.contiguous()
+        A = A.contiguous()
+        z = z.contiguous() if z is not None else None
+        Bc, b_fixed, sbb, sbg, sbn, dpg_b = _bc_layout(B, dim)
+        Cc, c_fixed, scb, scg, scn, dpg_c = _bc_layout(C, dim)
+        gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]))
+        bd, bl, nw = pick_config("fwd", dim, length, n_state, gdims)
+        n_chunks = triton.cdiv(length, bl)
+        save = any(ctx.needs_input_grad[:8])
+        out = torch.empty_like(u)
+        last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
+        states = torch.empty(batch, dim, n_chunks, n_state, dtype=cdt, device=u.device) if save else last
+        dummy = u
+        grid = (triton.cdiv(dim, bd), batch)
+        _fwd_kernel[grid](
+            u, delta, A, Bc, Cc,
+            D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy,
+            out, last, states,
+            dim, length, n_state, n_chunks,
+            sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), B_FIXED=b_fixed, C_FIXED=c_fixed, SAVE_STATES=save, FP64=fp64,
+            BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n_state), BLOCK_L=bl, num_warps=nw,
+        )
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+            ctx.delta_softplus = bool(delta_softplus)
+            ctx.fwd_chunk = bl
+        if not return_last_state:
+            ctx.mark_non_differentiable(last)
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        batch, dim, length = u.shape
+        n_state = A.shape[1]
+        fp64 = u.dtype == torch.float64
+        cdt = torch.float64 if fp64 else torch.float32
+        dev = u.device
+        Bc, b_fixed, sbb, sbg, sbn, dpg_b = _bc_layout(B, dim)
+        Cc, c_fixed, scb, scg, scn, dpg_c = _bc_layout(C, dim)
+        gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]))
+        # the backward walks the forward's chunks (their entering states are stored)
+        bd, _, nw = pick_config("bwd", dim, length, n_state, gdims)
+        bl = ctx.fwd_chunk
+        n_chunks = triton.cdiv(length, bl)
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dA_part = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+        b_atomic = not b_fixed and dpg_b > bd
+        c_atomic = not c_fixed and dpg_c > bd
+        if b_fixed:
+            dB = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+        else:
+            dB = (torch.zeros if b_atomic else torch.empty)(Bc.shape, dtype=cdt, device=dev)
+        if c_fixed:
+            dC = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+        else:
+            dC = (torch.zeros if c_atomic else torch.empty)(Cc.shape, dtype=cdt, device=dev)
+        dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
+        dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
+        dummy = u
+        grid = (triton.cdiv(dim, bd), batch)
+        _bwd_kernel[grid](
+            u, delta, A, Bc, Cc,
+            D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy,
+            states, dout, dlast.contiguous() if dlast is not None else dummy,
+            du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
+            dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+            dim, length, n_state, n_chunks,
+            sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.delta_softplus, B_FIXED=b_fixed, C_FIXED=c_fixed, HAS_DLAST=dlast is not None,
+            FP64=fp64, B_ATOMIC=b_atomic, C_ATOMIC=c_atomic,
+            BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n_state), BLOCK_L=bl, num_warps=nw,
+        )
+        dB = dB.sum(0) if b_fixed else dB
+        dC = dC.sum(0) if c_fixed else dC
+        return (
+            du,
+            ddelta,
+            dA_part.sum(0).to(A.dtype),
+            dB.to(B.dtype),
+            dC.to(C.dtype),
+            dD_part.sum(0).to(D.dtype) if D is not None else None,
+            dz,
+            dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            None,
+            None,
+        )
+
+
+def _interpreted_twin():
+    """This module loaded a second time with ``TRITON_INTERPRET=1``: kernels that run on CPU tensors."""
+    mod = sys.modules.get(_TWIN_NAME)
+    if mod is not None:
+        return mod
+    spec = importlib.util.spec_from_file_location(_TWIN_NAME, __file__)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = __package__
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        sys.modules[_TWIN_NAME] = mod
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(_TWIN_NAME, None)
+        raise
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return mod
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Triton selective scan; same signature and semantics as ``selective_scan_ref``.
+
+    CUDA tensors run the compiled kernels; CPU tensors run them under Triton's interpreter (slow:
+    tests and debugging at small shapes only).
+    """
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if u.device.type != "cuda" and not INTERPRETED:
+        return _interpreted_twin().selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        )
+    if u.shape[-1] == 0:
+        from .scan_ref import selective_scan_ref
+
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return (out, last) if return_last_state else out

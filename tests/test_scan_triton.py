@@ -1,0 +1,176 @@
+"""The Triton selective scan (``backend="triton"``) against the sequential reference.
+
+Without a GPU the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, set per test),
+so the shapes stay tiny; with CUDA the same cases run compiled, plus a larger one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from common.ops import resolve_backend, selective_scan, selective_scan_ref  # noqa: E402
+from common.ops import scan_triton as st  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """On CPU: Triton's interpreter, and the module whose kernels it runs (for launch overrides)."""
+    if CUDA:
+        yield st
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mod = st if st.INTERPRETED else st._interpreted_twin()
+    yield mod
+    mod.CONFIG_OVERRIDE.clear()
+
+
+def make_inputs(batch, dim, length, n, *, b_shape, c_shape, dtype=torch.float32, seed=0, delta_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    u = rnd(batch, dim, length).to(dtype)
+    delta = (rnd(batch, dim, length, scale=0.5) * delta_scale).to(dtype)
+    A = -torch.exp(rnd(dim, n, scale=0.5))
+    B = rnd(*b_shape).to(dtype)
+    C = rnd(*c_shape).to(dtype)
+    D = rnd(dim)
+    z = rnd(batch, dim, length).to(dtype)
+    bias = rnd(dim, scale=0.5)
+    if dtype == torch.float64:
+        A, D, bias = A.double(), D.double(), bias.double()
+    return [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
+
+
+def forms(batch, dim, length, n, b_form, c_form):
+    shape = {"fixed": (dim, n), "shared": (batch, n, length)}
+    out = []
+    for f in (b_form, c_form):
+        out.append(shape[f] if f in shape else (batch, int(f[1:]), n, length))  # "g4": 4 groups
+    return out
+
+
+def outputs_and_grads(fn, inputs, *, with_d, with_z, with_bias, softplus, last_state):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    u, delta, A, B, C, D, z, bias = leaves
+    res = fn(u, delta, A, B, C, D if with_d else None, z if with_z else None, bias if with_bias else None,
+             softplus, last_state)
+    out, last = res if last_state else (res, None)
+    g = torch.Generator().manual_seed(1)
+    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)).sum()
+    if last_state:
+        loss = loss + (last.double() * torch.randn(last.shape, generator=g, dtype=torch.float64).to(DEVICE)).sum()
+    loss.backward()
+    used = {"D": with_d, "z": with_z, "delta_bias": with_bias}
+    vals = {"out": out.detach()} | ({"last": last.detach()} if last_state else {})
+    for name, leaf in zip(NAMES, leaves):
+        if used.get(name, True):
+            vals["d" + name] = leaf.grad
+        else:
+            assert leaf.grad is None, name
+    return vals
+
+
+def triton_scan(*args):
+    return selective_scan(*args, backend="triton")
+
+
+def compare(got, want, dtype):
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2}[dtype]
+    for name, w in want.items():
+        x = got[name]
+        assert x.dtype == w.dtype and x.shape == w.shape, name
+        assert torch.isfinite(x.float()).all(), name
+        # gradients are sums over many steps: compare relative to each tensor's scale
+        scale = w.double().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(x.double() / scale, w.double() / scale, rtol=tol, atol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+# (batch, dim, L, N, B form, C form, dtype, options, forced (BLOCK_D, BLOCK_L, num_warps) or None)
+ALL = dict(with_d=True, with_z=True, with_bias=True, softplus=True, last_state=True)
+NONE = dict(with_d=False, with_z=False, with_bias=False, softplus=False, last_state=False)
+CASES = [
+    pytest.param(2, 8, 1, 4, "g1", "g1", torch.float32, ALL, None, id="L1"),
+    pytest.param(2, 8, 7, 16, "g4", "g4", torch.float32, NONE, None, id="L7-N16-bare"),
+    pytest.param(2, 8, 37, 16, "g4", "g4", torch.float32, ALL, (2, 16, 4), id="ss2d-N16-3chunks"),
+    pytest.param(2, 8, 64, 4, "g4", "g4", torch.float32, dict(ALL, last_state=False), (2, 16, 4), id="L64-4chunks"),
+    pytest.param(2, 8, 100, 1, "shared", "shared", torch.float32, ALL, (8, 16, 4), id="L100-N1-shared"),
+    pytest.param(2, 8, 33, 4, "g2", "g1", torch.float32, dict(ALL, with_z=False), (4, 16, 4), id="mixed-groups"),
+    pytest.param(2, 8, 20, 3, "fixed", "g2", torch.float32, dict(ALL, softplus=False), None, id="fixed-B-N3"),
+    pytest.param(2, 8, 20, 2, "g2", "fixed", torch.float32, ALL, (2, 16, 4), id="fixed-C"),
+    pytest.param(2, 8, 30, 4, "g4", "g4", torch.bfloat16, ALL, (2, 16, 4), id="bf16"),
+    pytest.param(1, 4, 19, 2, "g2", "g2", torch.float64, ALL, (2, 16, 4), id="fp64"),
+]
+
+
+@pytest.mark.parametrize("batch,dim,length,n,b_form,c_form,dtype,opts,config", CASES)
+def test_matches_reference(interpreter, batch, dim, length, n, b_form, c_form, dtype, opts, config):
+    if config is not None:
+        interpreter.CONFIG_OVERRIDE.update(fwd=config, bwd=config)
+    b_shape, c_shape = forms(batch, dim, length, n, b_form, c_form)
+    inputs = make_inputs(batch, dim, length, n, b_shape=b_shape, c_shape=c_shape, dtype=dtype)
+    if not opts["softplus"]:  # without softplus the caller keeps delta positive
+        inputs[1] = inputs[1].abs() + 0.01
+    got = outputs_and_grads(triton_scan, inputs, **opts)
+    if dtype == torch.bfloat16:  # the reference on the same bf16-rounded inputs, in float64
+        want = outputs_and_grads(selective_scan_ref, [t.double() for t in inputs], **opts)
+        want = {k: v.to(got[k].dtype) for k, v in want.items()}
+    else:
+        want = outputs_and_grads(selective_scan_ref, inputs, **opts)
+    compare(got, want, dtype)
+
+
+def test_large_delta_stays_finite(interpreter):
+    interpreter.CONFIG_OVERRIDE.update(fwd=(2, 16, 4), bwd=(2, 16, 4))
+    inputs = make_inputs(1, 4, 48, 4, b_shape=(1, 2, 4, 48), c_shape=(1, 2, 4, 48), delta_scale=80.0)
+    inputs[1] = inputs[1].abs() + 20  # softplus(40) ~ 40, exp(delta * A) underflows to 0
+    inputs[2] = inputs[2] * 5
+    got = outputs_and_grads(triton_scan, inputs, **dict(ALL, last_state=False))
+    want = outputs_and_grads(selective_scan_ref, inputs, **dict(ALL, last_state=False))
+    compare(got, want, torch.float32)
+
+
+def test_no_grad_forward_and_state_only_gradient(interpreter):
+    inputs = make_inputs(2, 8, 21, 4, b_shape=(2, 4, 4, 21), c_shape=(2, 4, 4, 21))
+    with torch.no_grad():
+        out, last = selective_scan(*inputs[:5], inputs[5], None, inputs[7], True, True, backend="triton")
+        ref, ref_last = selective_scan_ref(*inputs[:5], inputs[5], None, inputs[7], True, True)
+    compare({"out": out, "last": last}, {"out": ref, "last": ref_last}, torch.float32)
+    # a loss on last_state alone: the output gradient arrives as None
+    u = inputs[0].clone().requires_grad_(True)
+    _, last = selective_scan(u, *inputs[1:5], return_last_state=True, backend="triton")
+    last.sum().backward()
+    u_ref = inputs[0].clone().requires_grad_(True)
+    _, ref_last = selective_scan_ref(u_ref, *inputs[1:5], return_last_state=True)
+    ref_last.sum().backward()
+    compare({"du": u.grad}, {"du": u_ref.grad}, torch.float32)
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU interpreter path")
+def test_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", "cpu")
+    assert resolve_backend(None, "cpu") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"
+    assert resolve_backend(None, "cpu") == "torch"  # the interpreter is never chosen automatically
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_is_the_automatic_choice_and_matches_at_ss2d_shape():
+    assert resolve_backend(None, "cuda") == "triton"
+    dim, length, n = 4 * 96, 1000, 16
+    inputs = make_inputs(2, dim, length, n, b_shape=(2, 4, n, length), c_shape=(2, 4, n, length))
+    got = outputs_and_grads(triton_scan, inputs, **ALL)
+    want = outputs_and_grads(selective_scan_ref, inputs, **ALL)
+    compare(got, want, torch.float32)
