@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["SegmentationReport", "LesionReport", "lesion_stats"]
+__all__ = ["SegmentationReport", "LesionReport", "lesion_stats", "source_case_name"]
 
 
 def _atomic_write(path: str, write) -> None:
@@ -41,6 +41,17 @@ def _case_name(meta) -> str:
     if isinstance(name, (list, tuple)):
         name = name[0]
     return _strip_ext(os.path.basename(str(name)))
+
+
+def source_case_name(src: str, data_root_dir: str | None = None) -> str:
+    """Case name of an image file: its path relative to ``data_root_dir`` (``/``-separated) when it lies
+    inside that folder, else its file name; image extensions removed."""
+    name = os.path.basename(str(src))
+    if data_root_dir:
+        rel = os.path.relpath(os.path.abspath(str(src)), os.path.abspath(data_root_dir))
+        if not rel.startswith(".."):
+            name = rel.replace(os.sep, "/")
+    return _strip_ext(name)
 
 
 def _strip_ext(name: str) -> str:
@@ -193,12 +204,7 @@ class LesionReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
     def case_name(self, src: str) -> str:
-        name = os.path.basename(src)
-        if self.data_root_dir:
-            rel = os.path.relpath(os.path.abspath(src), os.path.abspath(self.data_root_dir))
-            if not rel.startswith(".."):
-                name = rel.replace(os.sep, "/")
-        return _strip_ext(name)
+        return source_case_name(src, self.data_root_dir)
 
     def _collect(self, engine: Engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]

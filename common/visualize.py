@@ -13,6 +13,8 @@ import os
 import numpy as np
 from ignite.engine import Engine, Events
 
+from .metrics import source_case_name
+
 __all__ = ["OverlayWriter", "overlay_montage"]
 
 # background transparent; then red, green, blue, yellow, magenta, cyan, orange, purple
@@ -72,14 +74,7 @@ class OverlayWriter:
             image = LoadImage(image_only=True)(src)
             labels = np.asarray(pred.detach().cpu())[0]
             montage = overlay_montage(np.asarray(image), labels, self.max_slices)
-            name = os.path.basename(str(src))
-            if self.data_root_dir:
-                rel = os.path.relpath(os.path.abspath(str(src)), os.path.abspath(self.data_root_dir))
-                name = name if rel.startswith("..") else rel
-            for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-                if name.endswith(ext):
-                    name = name[: -len(ext)]
-                    break
+            name = source_case_name(src, self.data_root_dir)
             path = os.path.join(self.output_dir, f"{name}_overlay.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             Image.fromarray(montage).save(path + ".tmp", format="PNG")

@@ -193,9 +193,7 @@ class PreprocessFlaird(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            if not torch.isfinite(torch.as_tensor(d[key])).all():
-                name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
-                raise ValueError(f"{name}: the image has NaN or infinite voxels")
+            _require_finite(d[key], getattr(d[key], "meta", {}).get("filename_or_obj", key))
             d[key] = self.transform(d[key])
         return d
 
@@ -235,6 +233,11 @@ class _InPlaneSharpen:
         return GaussianSharpen(sigma1=(0.0,) * spatial, sigma2=sigma2, alpha=self.alpha)(img)
 
 
+def _require_finite(image, name) -> None:
+    if not torch.isfinite(torch.as_tensor(image)).all():
+        raise ValueError(f"{name}: the image has NaN or infinite voxels")
+
+
 def _load_volume(path: str) -> MetaTensor:
     try:
         img = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
@@ -270,8 +273,7 @@ class LoadMSFlaird(MapTransform):
         if image.shape != label.shape:
             raise ValueError(f"{path}: image shape {tuple(image.shape[1:])} != mask shape "
                              f"{tuple(label.shape[1:])} ({label_path})")
-        if not torch.isfinite(image).all():
-            raise ValueError(f"{path}: the image has NaN or infinite voxels")
+        _require_finite(image, path)
         if self.preprocess is not None:
             image = self.preprocess(image)
         label = (label > 0).to(torch.float32)

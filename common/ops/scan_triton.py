@@ -436,14 +436,13 @@ class SelectiveScanTriton(torch.autograd.Function):
         dA_part = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
         b_atomic = not b_fixed and dpg_b > bd
         c_atomic = not c_fixed and dpg_c > bd
-        if b_fixed:
-            dB = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
-        else:
-            dB = (torch.zeros if b_atomic else torch.empty)(Bc.shape, dtype=cdt, device=dev)
-        if c_fixed:
-            dC = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
-        else:
-            dC = (torch.zeros if c_atomic else torch.empty)(Cc.shape, dtype=cdt, device=dev)
+
+        def grad_buffer(x, fixed, atomic):  # fixed (dim, N): per-batch partials, summed below
+            if fixed:
+                return torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+            return (torch.zeros if atomic else torch.empty)(x.shape, dtype=cdt, device=dev)
+
+        dB, dC = grad_buffer(Bc, b_fixed, b_atomic), grad_buffer(Cc, c_fixed, c_atomic)
         dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
         dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
         dummy = u
