@@ -20,6 +20,7 @@ from common.networks.blocks import (
     cross_merge,
     cross_scan,
 )
+from common.ops import available_backends
 
 # VMamba-Tiny (v05_noz, ln2d) block keys and shapes of an original MSVM-UNet checkpoint
 # (encoder.layers.0.blocks.0.*, ../shared/specs/msvmunet_original_state_dict.tsv)
@@ -93,18 +94,21 @@ def test_ss2d_v0_initialisation():
 
 def test_ss2d_same_output_and_gradients_on_every_cpu_backend():
     torch.manual_seed(0)
-    m = SS2D(8, d_state=16, ssm_ratio=2.0)
+    m = SS2D(8, d_state=16, ssm_ratio=2.0)  # d_inner 16: blocks of 8 channels in the cpu kernel
     x = torch.randn(2, 6, 7, 8)
     outs = {}
-    for backend in ("torch", "ref"):
+    backends = [b for b in available_backends("cpu") if b != "ref"]
+    assert {"torch", "cpu"} <= set(backends)
+    for backend in (*backends, "ref"):
         m.scan_backend = backend
         m.zero_grad()
         y = m(x)
         y.square().sum().backward()
         outs[backend] = (y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
-    torch.testing.assert_close(outs["torch"][0], outs["ref"][0], rtol=1e-5, atol=1e-5)
-    for name, g in outs["ref"][1].items():
-        torch.testing.assert_close(outs["torch"][1][name], g, rtol=1e-4, atol=1e-4, msg=name)
+    for backend in backends:
+        torch.testing.assert_close(outs[backend][0], outs["ref"][0], rtol=1e-5, atol=1e-5)
+        for name, g in outs["ref"][1].items():
+            torch.testing.assert_close(outs[backend][1][name], g, rtol=1e-4, atol=1e-4, msg=f"{backend} {name}")
 
 
 def test_ss2d_is_deterministic():

@@ -14,6 +14,7 @@ import torch
 from common.ops import (
     SCAN_BACKEND_ENV,
     available_backends,
+    backend_unavailable_reason,
     resolve_backend,
     selective_scan,
     selective_scan_ref,
@@ -221,19 +222,25 @@ def test_input_errors_are_plain():
 
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, triton runs on CPU (tests/test_scan_triton.py)
-    assert resolve_backend(None, "cpu") == "torch"
+    monkeypatch.delenv(SCAN_BACKEND_ENV, raising=False)
+    # the compiled CPU kernel when it builds (a C compiler is on every supported machine), else torch
+    auto = "cpu" if backend_unavailable_reason("cpu", "cpu") is None else "torch"
+    assert auto == "cpu", backend_unavailable_reason("cpu", "cpu")
+    assert resolve_backend(None, "cpu") == auto
     assert "torch" in available_backends("cpu") and "ref" in available_backends("cpu")
     monkeypatch.setenv(SCAN_BACKEND_ENV, "ref")
     assert resolve_backend(None, "cpu") == "ref"
     assert resolve_backend("torch", "cpu") == "torch"  # the argument wins over the environment
     monkeypatch.setenv(SCAN_BACKEND_ENV, "auto")
-    assert resolve_backend(None, "cpu") == "torch"
+    assert resolve_backend(None, "cpu") == auto
     with pytest.raises(RuntimeError, match="unknown scan backend 'fast'"):
         resolve_backend("fast", "cpu")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         resolve_backend("mamba_ssm", "cpu")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         resolve_backend("triton", "cpu")
+    with pytest.raises(RuntimeError, match="cpu backend needs CPU tensors"):
+        resolve_backend("cpu", "cuda")
 
 
 def test_env_backend_is_used(monkeypatch):
@@ -272,24 +279,90 @@ def test_import_is_lazy():
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
 
 
-def test_forward_backward_memory_is_bounded():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_forward_backward_memory_is_bounded(backend):
     """L=4096, 4x192 channels, N=16: the float32 state tensor is 200 MB; an L x L matrix would be 50 GB."""
     code = textwrap.dedent(
         """
-        import resource, torch
+        import resource, sys, torch
         from common.ops import selective_scan
         torch.manual_seed(0)
         b, d, L, n = 1, 768, 4096, 16
         u = torch.randn(b, d, L, requires_grad=True); dl = torch.randn(b, d, L, requires_grad=True)
         A = -torch.rand(d, n) - 0.5; B = torch.randn(b, 4, n, L); C = torch.randn(b, 4, n, L)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = selective_scan(u, dl, A, B, C, torch.ones(d), None, torch.zeros(d), True, backend="torch")
+        out = selective_scan(u, dl, A, B, C, torch.ones(d), None, torch.zeros(d), True, backend=sys.argv[1])
         out.sum().backward()
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    res = subprocess.run([sys.executable, "-c", code, backend], capture_output=True, text=True, check=True,
                          env=_env_with_repo_on_path())
     grown_mb = int(res.stdout.strip().splitlines()[-1])
     # inputs + grads + time-major copies are ~150 MB; the blocked scan adds tens of MB of workspace
     assert grown_mb < 400, f"forward+backward grew the process by {grown_mb} MB"
+
+
+# ---------------------------------------------------------------- the compiled CPU kernel
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the cpu backend did not build here")
+@pytest.mark.parametrize("dim,groups,b_form", [(48, 2, "grouped"), (48, 3, "fixed"), (40, 4, "grouped"),
+                                               (16, 1, "shared")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_channel_blocks_and_threads(dim, groups, b_form, threads):
+    """Blocks of 8 channels (every block inside one B and one C group), one channel per task otherwise
+    (40 / 4 groups = 10 channels a group), any thread count: values and all gradients equal the reference."""
+    inputs = make_inputs(3, dim, 150, 16, groups, torch.float32, "cpu", b_form=b_form, seed=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def ours(*a):
+            return selective_scan(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=a[8],
+                                  return_last_state=a[9], backend="cpu")
+
+        got = _grads(ours, inputs, NAMES, True)
+        (out, last), (ref, ref_last) = run_both("cpu", inputs, last_state=True)
+    finally:
+        torch.set_num_threads(before)
+    want = _grads(selective_scan_ref, inputs, NAMES, True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, ref_last, rtol=1e-5, atol=1e-5)
+    for name in NAMES:
+        scale = want[name].abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got[name] / scale, want[name] / scale, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_cpu_kernel_build_is_cached_and_failures_are_reported(tmp_path):
+    """The kernel compiles once into the cache folder; a later process loads it without compiling.
+    With no working compiler the backend says why, automatic choice falls back to torch, and asking for
+    ``cpu`` by name raises that reason."""
+    code = textwrap.dedent(
+        """
+        import glob, json, os, sys, torch
+        from common.ops import resolve_backend, selective_scan
+        from common.ops.scan_cpu import library_unavailable_reason
+        reason = library_unavailable_reason()
+        auto = resolve_backend(None, "cpu")
+        try:
+            resolve_backend("cpu", "cpu"); named = None
+        except RuntimeError as err:
+            named = str(err)
+        libs = sorted(glob.glob(os.path.join(os.environ["MAMBA_BUNDLES_CACHE"], "*.so")))
+        print(json.dumps([reason, auto, named, [(p, os.stat(p).st_mtime_ns) for p in libs]]))
+        """
+    )
+    env = {**_env_with_repo_on_path(), "MAMBA_BUNDLES_CACHE": str(tmp_path / "cache")}
+    env.pop(SCAN_BACKEND_ENV, None)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                      env=env).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    for reason, auto, named, libs in runs:
+        assert reason is None and auto == "cpu" and named is None and len(libs) == 1
+    assert runs[0][3] == runs[1][3]  # same file, not rebuilt
+    assert not [p for p in os.listdir(tmp_path / "cache") if not p.endswith(".so")]  # no temporary left
+    env = {**env, "MAMBA_BUNDLES_CACHE": str(tmp_path / "cache2"), "CC": "/bin/false"}
+    reason, auto, named, libs = json.loads(subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])
+    assert "could not build the CPU scan kernel" in reason and auto == "torch" and libs == []
+    assert "cannot use backend 'cpu'" in named and "could not build" in named

@@ -2,6 +2,8 @@
 
 Backends (all with mamba-ssm's ``selective_scan_fn`` semantics):
 
+- ``"cpu"``: this project's compiled CPU kernel (:mod:`common.ops.scan_cpu`: C + OpenMP, built with
+  the machine's C compiler on first use and cached); CPU tensors. 3-6x faster than ``torch`` there.
 - ``"torch"``: the chunked pure-PyTorch scan in :mod:`common.ops.scan_torch`; any device, autograd.
 - ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when the package imports and the tensors are on CUDA.
 - ``"triton"``: this project's own Triton kernel (:mod:`common.ops.scan_triton`, JIT-compiled on
@@ -14,10 +16,11 @@ Choosing: the ``backend`` argument wins, then the environment variable
 ``MAMBA_BUNDLES_SCAN_BACKEND`` (``auto`` or empty means automatic), then automatic choice: on
 CUDA the fastest available GPU backend (``mamba_ssm`` when it is installed: its kernel is still
 1.6-4x faster than ours on an H100, ``benchmarks/README.md``; else ``triton``, which needs no
-build step), otherwise ``torch``.
+build step); on CPU ``cpu`` when its kernel builds (a C compiler is present), otherwise ``torch``.
 A backend that was asked for by name and cannot run raises ``RuntimeError`` saying why.
 
-Nothing here imports mamba_ssm or triton until a CUDA tensor asks for them.
+Nothing here imports mamba_ssm or triton until a CUDA tensor asks for them, and the CPU kernel is
+compiled only when a CPU scan first runs.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ __all__ = [
 ]
 
 SCAN_BACKEND_ENV = "MAMBA_BUNDLES_SCAN_BACKEND"
-SCAN_BACKENDS = ("torch", "mamba_ssm", "triton", "ref")
+SCAN_BACKENDS = ("cpu", "torch", "mamba_ssm", "triton", "ref")
 # fastest first (H100 measurements in benchmarks/README.md); triton moves ahead once it beats mamba-ssm
 _GPU_PREFERENCE = ("mamba_ssm", "triton")
 
@@ -71,6 +74,12 @@ def _load_triton() -> tuple[Callable | None, str | None]:
     return mod.selective_scan_triton, None
 
 
+def _cpu_reason() -> str | None:
+    from .scan_cpu import library_unavailable_reason
+
+    return library_unavailable_reason()
+
+
 def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
     """``None`` when ``backend`` can run on ``device``, else a sentence saying why not."""
     device = torch.device(device)
@@ -78,6 +87,10 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
         return f"unknown scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)} (or None for automatic)"
     if backend in ("torch", "ref"):
         return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend needs CPU tensors, got tensors on {device.type}"
+        return _cpu_reason()
     if backend == "triton" and device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             return _load_triton()[1]  # Triton's interpreter runs the kernels on CPU tensors
@@ -95,7 +108,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     Triton's CPU interpreter is not listed: it runs only when named explicitly.
     """
     device = torch.device(device)
-    order = (*_GPU_PREFERENCE, "torch", "ref")
+    order = (*_GPU_PREFERENCE, "cpu", "torch", "ref")
     return [b for b in order if backend_unavailable_reason(b, device) is None
             and not (b == "triton" and device.type != "cuda")]
 
@@ -111,6 +124,8 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
             for name in _GPU_PREFERENCE:
                 if backend_unavailable_reason(name, device) is None:
                     return name
+        elif device.type == "cpu" and _cpu_reason() is None:
+            return "cpu"
         return "torch"
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
@@ -146,6 +161,10 @@ def _implementation(name: str) -> Callable:
         return selective_scan_ref
     if name == "mamba_ssm":
         return _selective_scan_mamba_ssm
+    if name == "cpu":
+        from .scan_cpu import selective_scan_cpu
+
+        return selective_scan_cpu
     return _load_triton()[0]
 
 
@@ -175,7 +194,7 @@ def selective_scan(
         delta_bias: added to ``delta`` per channel, ``(dim,)``.
         delta_softplus: apply softplus to ``delta`` (after the bias).
         return_last_state: also return the state after the last step, ``(batch, dim, N)``.
-        backend: ``"torch"``, ``"mamba_ssm"``, ``"triton"``, ``"ref"`` or ``None`` (automatic; see
+        backend: ``"cpu"``, ``"torch"``, ``"mamba_ssm"``, ``"triton"``, ``"ref"`` or ``None`` (automatic; see
             the module docstring for the environment variable).
 
     Returns:
