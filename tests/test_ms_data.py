@@ -255,3 +255,41 @@ def test_lesion_report_uses_the_affine_and_keeps_same_named_cases_apart(tmp_path
     assert [r["lesion_count"] for r in rows] == [1, 2]
     assert rows[1]["lesion_volume_ml"] == pytest.approx(8 * 0.5 / 1000)
     assert os.path.isfile(tmp_path / "out" / "lesions.csv")
+
+
+# ---------------------------------------------------------------- foreground oversampling
+
+
+def test_slices_with_foreground_reads_each_label_once(tmp_path):
+    from common.data import slices_with_foreground
+
+    lab = np.zeros((6, 6, 4), np.uint8)
+    lab[2, 3, 1] = 1
+    lab[0, 0, 3] = 1
+    path = str(tmp_path / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), path)
+    items = [{"image": path, "label": path, "slice": k} for k in range(4)]
+    assert slices_with_foreground(items) == [False, True, False, True]
+    with pytest.raises(ValueError, match="missing.nii.gz: cannot read the label"):
+        slices_with_foreground([{"label": str(tmp_path / "missing.nii.gz"), "slice": 0}])
+
+
+def test_foreground_oversampler_puts_foreground_in_every_batch():
+    from common.data import ForegroundOversampler
+
+    fg = [i % 10 == 0 for i in range(100)]  # 10 % of the slices hold foreground
+    s = ForegroundOversampler(fg, batch_size=4, fraction=0.33, seed=3)
+    idx = list(s)
+    assert len(s) == len(idx) == 100
+    batches = [idx[i:i + 4] for i in range(0, 100, 4)]
+    assert all(fg[b[-1]] for b in batches)  # round(0.33 * 4) = 1 forced foreground slice, the last
+    assert len(set(i for b in batches for i in b[:3])) == 75  # the rest: a permutation, no repeats
+    assert list(ForegroundOversampler(fg, 4, 0.33, seed=3)) == idx  # deterministic per seed
+    # plain shuffling without oversampling or foreground
+    assert sorted(ForegroundOversampler(fg, 4, 0.0, seed=1)) == list(range(100))
+    assert sorted(ForegroundOversampler([False] * 8, 4, 0.5)) == list(range(8))
+    # replicas split the epoch and draw different streams
+    r0, r1 = (list(ForegroundOversampler(fg, 4, 0.33, seed=3, num_replicas=2, rank=r)) for r in (0, 1))
+    assert len(r0) == len(r1) == 50 and r0 != r1
+    with pytest.raises(ValueError, match="fraction must be in"):
+        ForegroundOversampler(fg, 4, 1.5)

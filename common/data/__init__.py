@@ -21,6 +21,7 @@ from .ms import (
     ms_datalist,
     split_cases,
 )
+from .sampling import ForegroundOversampler, slices_with_foreground
 from .synapse import (
     BTCV_TO_SYNAPSE,
     SYNAPSE_CLASSES,
@@ -49,6 +50,8 @@ __all__ = [
     "make_ms_sample",
     "ms_datalist",
     "split_cases",
+    "ForegroundOversampler",
+    "slices_with_foreground",
     "BTCV_TO_SYNAPSE",
     "SYNAPSE_CLASSES",
     "LoadSynapsed",
