@@ -26,21 +26,26 @@ from common.ops import available_backends  # noqa: E402
 NETWORKS = {
     # name: (builder, classes, in_channels, size, paper batch)
     "msvmunet": ("common.networks.msvmunet:msvmunet_tiny", 4, 1, 224, 32),
+    "mssmamba": ("common.networks.mssmamba:mssmamba", 9, 1, 224, 10),
+    "mambahunet": ("common.networks.mambahunet:mambahunet", 2, 1, 256, 24),
 }
+# builders that need the input size (MSSMamba's token position embeddings)
+_SIZED = {"mssmamba": "img_size"}
 
 
-def build(name: str, backend: str):
+def build(name: str, backend: str, size: int):
     target, classes, in_ch, _, _ = NETWORKS[name]
     module, fn = target.split(":")
     mod = __import__(module, fromlist=[fn])
-    return getattr(mod, fn)(in_channels=in_ch, num_classes=classes, scan_backend=backend)
+    sized = {_SIZED[name]: size} if name in _SIZED else {}
+    return getattr(mod, fn)(in_channels=in_ch, num_classes=classes, scan_backend=backend, **sized)
 
 
 def measure(network: str, backend: str, precision: str, batch: int, size: int, device, repeat: int) -> dict:
     """Training step and inference timings of one network / backend / precision."""
     _, classes, in_ch, _, _ = NETWORKS[network]
     torch.manual_seed(0)
-    model = build(network, backend).to(device)
+    model = build(network, backend, size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     x = torch.randn(batch, in_ch, size, size, device=device)
     y = torch.randint(0, classes, (batch, size, size), device=device)

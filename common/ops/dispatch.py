@@ -3,7 +3,8 @@
 Backends (all with mamba-ssm's ``selective_scan_fn`` semantics):
 
 - ``"cpu"``: this project's compiled CPU kernel (:mod:`common.ops.scan_cpu`: C + OpenMP, built with
-  the machine's C compiler on first use and cached); CPU tensors. 3-6x faster than ``torch`` there.
+  the machine's C compiler on first use and cached); CPU tensors; 2.4-5.4x faster than ``torch``
+  forward + backward there (``benchmarks/README.md``).
 - ``"torch"``: the chunked pure-PyTorch scan in :mod:`common.ops.scan_torch`; any device, autograd.
 - ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when the package imports and the tensors are on CUDA.
 - ``"triton"``: this project's own Triton kernel (:mod:`common.ops.scan_triton`, JIT-compiled on
