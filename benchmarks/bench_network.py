@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_scan import timed  # noqa: E402  (this folder is on sys.path when run as a script)
 
+from common.networks.graphs import CUDAGraphInference  # noqa: E402
 from common.ops import available_backends  # noqa: E402
 
 NETWORKS = {
@@ -68,10 +69,19 @@ def measure(network: str, backend: str, precision: str, batch: int, size: int, d
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         one = timed(lambda: model(x[:1]), device, repeat, 3)
         full = timed(lambda: model(x), device, repeat, 3)
-    return dict(backend=backend, precision=precision, batch=batch, size=size,
-                train_step_ms=round(ms, 2), train_images_per_s=round(batch * 1000 / ms, 1),
-                train_peak_gib=round(peak, 2) if peak is not None else None,
-                infer_batch1_ms=round(one, 2), infer_images_per_s=round(batch * 1000 / full, 1))
+    row = dict(backend=backend, precision=precision, batch=batch, size=size,
+               train_step_ms=round(ms, 2), train_images_per_s=round(batch * 1000 / ms, 1),
+               train_peak_gib=round(peak, 2) if peak is not None else None,
+               infer_batch1_ms=round(one, 2), infer_images_per_s=round(batch * 1000 / full, 1))
+    if device.type == "cuda":  # the same inference replayed from CUDA graphs (common.networks.graphs)
+        graphed = CUDAGraphInference(model).eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            one_g = timed(lambda: graphed(x[:1]), device, repeat, 3)
+            full_g = timed(lambda: graphed(x), device, repeat, 3)
+            err = (graphed(x[:1]).float() - model(x[:1]).float()).abs().max().item()
+        row.update(graph_infer_batch1_ms=round(one_g, 2), graph_infer_images_per_s=round(batch * 1000 / full_g, 1),
+                   graph_max_abs_diff=err)
+    return row
 
 
 def main(argv=None):

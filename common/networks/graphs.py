@@ -1,0 +1,105 @@
+"""CUDA-graph replay of a network's inference forward (one slice at a time is launch-bound).
+
+A forward pass of these networks launches hundreds of small kernels; for one 224 x 224 slice the
+GPU waits on the CPU issuing them (tens of ms on an H100, ``benchmarks/README.md``). PyTorch's CUDA
+graphs record the launches once per input shape and replay them with a single call.
+:class:`CUDAGraphInference` wraps a module: in eval mode, without autograd, on CUDA inputs, it
+captures one graph per (shape, dtype, autocast) key on first sight (after a few warm-up calls on a
+side stream, as PyTorch's documentation prescribes) and replays it afterwards; everything else
+(the module in training mode, CPU tensors, gradients) runs the module eagerly. The wrapper's ``state_dict`` is the
+module's own (no prefix), so checkpoints load either way.
+
+Inputs are copied into the graph's static input and the output is cloned out, so callers may keep
+results across calls. Parameters must not be replaced (in-place updates such as loading a state
+dict are fine: the graph reads the same memory).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["CUDAGraphInference"]
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_in: torch.Tensor, static_out: torch.Tensor) -> None:
+        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+
+
+class CUDAGraphInference(nn.Module):
+    """Replays CUDA graphs of ``module``'s forward for inference; eager everywhere else.
+
+    Args:
+        module: the network (a single tensor in, a single tensor out).
+        warmup: eager calls on a side stream before capturing a new shape (cuDNN/Triton autotuning
+            and lazy initialisation must happen outside the capture).
+        max_graphs: graphs kept (least recently used dropped first); each holds its own memory pool.
+    """
+
+    def __init__(self, module: nn.Module, warmup: int = 3, max_graphs: int = 8) -> None:
+        super().__init__()
+        self.module = module
+        self.warmup = int(warmup)
+        self.max_graphs = int(max_graphs)
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.training = module.training  # the wrapper starts in its module's mode
+
+    # the wrapped module's parameters and buffers under their own names (checkpoints load as is)
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if assign:
+            self._graphs.clear()  # new tensors: graphs captured on the old ones would read stale memory
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._graphs.clear()
+        return super().train(mode)
+
+    def _use_graph(self, x: torch.Tensor) -> bool:
+        return (not self.module.training and x.is_cuda and not torch.is_grad_enabled()
+                and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing())
+
+    def _key(self, x: torch.Tensor) -> tuple:
+        amp = torch.is_autocast_enabled("cuda")
+        return (tuple(x.shape), x.dtype, x.device, amp, torch.get_autocast_dtype("cuda") if amp else None)
+
+    def _capture(self, x: torch.Tensor, key: tuple) -> _Graph:
+        amp, amp_dtype = key[3], key[4]
+        static_in = x.detach().clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        # the autocast weight cache must be off while capturing (its casts would be freed after it)
+        with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp, cache_enabled=False):
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.module(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.module(static_in)
+        if not isinstance(static_out, torch.Tensor):
+            raise TypeError(f"CUDAGraphInference needs a module returning one tensor, got {type(static_out).__name__}")
+        entry = _Graph(graph, static_in, static_out)
+        self._graphs[key] = entry
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._use_graph(x):
+            return self.module(x)
+        key = self._key(x)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(x, key)
+        else:
+            self._graphs.move_to_end(key)
+        entry.static_in.copy_(x)
+        entry.graph.replay()
+        return entry.static_out.clone()

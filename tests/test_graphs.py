@@ -1,0 +1,53 @@
+"""CUDA-graph inference wrapper: eager pass-through off the GPU, same outputs and checkpoints on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.networks.graphs import CUDAGraphInference
+from common.networks.mambahunet import MambaHUNet
+
+CUDA = torch.cuda.is_available()
+
+
+def small_net() -> MambaHUNet:
+    torch.manual_seed(0)
+    return MambaHUNet(1, 2, embed_dim=16, depths=(1, 1), drop_path_rate=0.0, dropout=0.0)
+
+
+def test_cpu_and_training_run_eagerly_and_checkpoints_keep_their_names():
+    net = small_net()
+    wrapped = CUDAGraphInference(net.eval())
+    assert not wrapped.training  # follows its module
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), net(x), rtol=0, atol=0)
+    assert list(wrapped.state_dict()) == list(net.state_dict())  # no "module." prefix
+    other = small_net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    wrapped.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), other.eval()(x), rtol=0, atol=0)
+    wrapped.train()
+    assert wrapped(x).requires_grad and not wrapped._graphs
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_replays_the_eager_forward(amp):
+    net = small_net().cuda().eval()
+    wrapped = CUDAGraphInference(net, max_graphs=2)
+    xs = [torch.randn(b, 1, 32, 32, device="cuda") for b in (1, 3, 1, 2)]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        for x in xs:
+            torch.testing.assert_close(wrapped(x).float(), net(x).float(), rtol=1e-3, atol=1e-3)
+    assert len(wrapped._graphs) == 2  # shapes 1, 3, 2 seen; least recently used dropped
+    # weights loaded in place are what the graph reads
+    with torch.no_grad():
+        state = {k: v + 0.05 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+        wrapped.load_state_dict(state)
+        x = xs[0]
+        torch.testing.assert_close(wrapped(x).float(), net(x).float(), rtol=1e-3, atol=1e-3)
