@@ -32,9 +32,20 @@ def test_verify_net_in_out():
     bundle_checks.check_net_in_out("mssmamba_synapse")
 
 
-def test_bundle_cli_train_evaluate_infer(tmp_path):
+@pytest.mark.slow
+def test_bundle_cli_learns_evaluates_and_infers(tmp_path):
+    """The bundle CLI end to end on the sample data, with a learning check: about 8 minutes of CPU
+    training, then the mean Dice of the 8 organs >= 0.8 on the 2 held-out sample volumes (per-volume
+    3D Dice of the best checkpoint, the bundle's evaluation), then inference on every sample volume.
+
+    The recipe's optimizer and learning rate (SGD 0.01, momentum 0.9, poly decay), batch 4 at 64 x 64,
+    16 epochs (288 steps), no augmentation (a short run with TransUNet's rotations and flips confuses
+    the left and right kidneys). Chosen from GPU sweeps of these settings (benchmarks/results/
+    learning_sweeps_cuda_2026-11-25.json): 0.825-0.829 over 5 seeds."""
     root = fresh_bundle(tmp_path)
-    run_workflow(root, "training", {**QUICK, "epochs": 1, "val_interval": 1}, capture=True)
+    noaug = {"_target_": "Identityd", "keys": ["image", "label"]}
+    run_workflow(root, "training", {**QUICK, "batch_size": 4, "epochs": 16, "val_interval": 4,
+                                    "train#augmentation": noaug}, capture=True)
     for name in ("model.pt", "model_final.pt"):
         ckpt = torch.load(os.path.join(root, "models", name), map_location="cpu", weights_only=True)
         assert "hlaem.alise2.weight" in ckpt.get("model", ckpt)
@@ -43,6 +54,9 @@ def test_bundle_cli_train_evaluate_infer(tmp_path):
         metrics = json.load(f)
     assert [r["case"] for r in metrics["per_volume"]] == ["case0001", "case0002"]
     assert {f"val_mean_dice_{o}" for o in ORGANS} | {f"val_hd95_{o}" for o in ORGANS} <= set(metrics["per_volume"][0])
+    summary = {(s["metric"], s["class"]): s["mean"] for s in metrics["summary"]}
+    print("sample-data test mean Dice", summary[("val_mean_dice", "mean")], summary)
+    assert summary[("val_mean_dice", "mean")] >= 0.8
     run_workflow(root, "inference", {"image_size": 64, "save_overlays": True}, capture=True)
     sources = sorted(os.path.join(root, "sample_data", "nifti", "img", f) for f in
                      os.listdir(os.path.join(root, "sample_data", "nifti", "img")))
@@ -52,26 +66,7 @@ def test_bundle_cli_train_evaluate_infer(tmp_path):
         pred, img = nib.load(out), nib.load(src)
         assert pred.shape == img.shape and np.allclose(pred.affine, img.affine)
         assert pred.get_data_dtype() == np.uint8
-        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(range(9))
+        labels = set(np.unique(np.asarray(pred.dataobj)).tolist())
+        assert labels <= set(range(9)) and len(labels) >= 8  # background and (nearly) every organ found
         with Image.open(out.replace("_seg.nii.gz", "_overlay.png")) as im:
             assert im.size[1] == 96 and im.mode == "RGB"
-
-
-@pytest.mark.slow
-def test_learning_check_mean_dice_at_least_0_8(tmp_path):
-    """About 8 minutes of CPU training on the sample data: mean Dice of the 8 organs >= 0.8 on the 2
-    held-out sample volumes (per-volume 3D Dice of the best checkpoint, the bundle's evaluation).
-
-    The recipe's optimizer and learning rate (SGD 0.01, momentum 0.9, poly decay), batch 4 at 64 x 64,
-    16 epochs (288 steps), no augmentation (a short run with TransUNet's rotations and flips confuses
-    the left and right kidneys). Chosen from GPU sweeps of these settings (benchmarks/results/
-    learning_sweeps_cuda_2026-11-25.json): 0.825-0.829 over 5 seeds."""
-    root = fresh_bundle(tmp_path)
-    noaug = {"_target_": "Identityd", "keys": ["image", "label"]}
-    run_workflow(root, "training", {**QUICK, "batch_size": 4, "epochs": 16, "val_interval": 2,
-                                    "train#augmentation": noaug}, capture=True)
-    run_workflow(root, "evaluating", {"image_size": 64, "num_workers": 0}, capture=True)
-    with open(os.path.join(root, "eval", "metrics.json")) as f:
-        summary = {(s["metric"], s["class"]): s["mean"] for s in json.load(f)["summary"]}
-    print("sample-data test mean Dice", summary[("val_mean_dice", "mean")], summary)
-    assert summary[("val_mean_dice", "mean")] >= 0.8
