@@ -44,7 +44,7 @@ def test_bundle_cli_learns_evaluates_and_infers(tmp_path):
     learning_sweeps_cuda_2026-11-25.json): 0.825-0.829 over 5 seeds."""
     root = fresh_bundle(tmp_path)
     noaug = {"_target_": "Identityd", "keys": ["image", "label"]}
-    run_workflow(root, "training", {**QUICK, "batch_size": 4, "epochs": 16, "val_interval": 4,
+    run_workflow(root, "training", {**QUICK, "batch_size": 4, "epochs": 16, "val_interval": 2,
                                     "train#augmentation": noaug}, capture=True)
     for name in ("model.pt", "model_final.pt"):
         ckpt = torch.load(os.path.join(root, "models", name), map_location="cpu", weights_only=True)
