@@ -30,6 +30,7 @@ import tempfile
 import torch
 
 from .scan_ref import check_scan_inputs
+from .scan_torch import compute_dtype
 
 __all__ = ["selective_scan_cpu", "load_library", "library_unavailable_reason", "CACHE_ENV"]
 
@@ -169,7 +170,7 @@ class _Prepared:
     """Inputs as the kernel takes them: compute dtype, contiguous, A and B/C in its layouts."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        self.cdt = cdt = torch.promote_types(u.dtype, torch.float32)
+        self.cdt = cdt = compute_dtype(u)
         self.batch, self.dim, self.length = u.shape
         self.n = A.shape[1]
         vec = lambda t: None if t is None else t.to(cdt).contiguous()  # noqa: E731
