@@ -21,9 +21,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_scan import timed  # noqa: E402  (this folder is on sys.path when run as a script)
 
-from common.networks.graphs import CUDAGraphInference  # noqa: E402
+from common.networks.graphs import CUDAGraphInference, graphed_for_inference  # noqa: E402
 from common.ops import available_backends  # noqa: E402
 
+# slices of a typical 3D volume of each network's data set (ACDC ~10, Synapse 85-198, MS FLAIR ~20-60)
+VOLUME_DEPTH = {"msvmunet": 10, "mssmamba": 148, "mambahunet": 48}
 NETWORKS = {
     # name: (builder, classes, in_channels, size, paper batch)
     "msvmunet": ("common.networks.msvmunet:msvmunet_tiny", 4, 1, 224, 32),
@@ -42,12 +44,16 @@ def build(name: str, backend: str, size: int):
     return getattr(mod, fn)(in_channels=in_ch, num_classes=classes, scan_backend=backend, **sized)
 
 
-def measure(network: str, backend: str, precision: str, batch: int, size: int, device, repeat: int) -> dict:
+def measure(network: str, backend: str, precision: str, batch: int, size: int, device, repeat: int,
+            compile_mode: str | None = None) -> dict:
     """Training step and inference timings of one network / backend / precision."""
     _, classes, in_ch, _, _ = NETWORKS[network]
     torch.manual_seed(0)
     model = build(network, backend, size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    eager = model
+    if compile_mode:
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     x = torch.randn(batch, in_ch, size, size, device=device)
     y = torch.randint(0, classes, (batch, size, size), device=device)
     amp = precision == "bf16"
@@ -73,14 +79,28 @@ def measure(network: str, backend: str, precision: str, batch: int, size: int, d
                train_step_ms=round(ms, 2), train_images_per_s=round(batch * 1000 / ms, 1),
                train_peak_gib=round(peak, 2) if peak is not None else None,
                infer_batch1_ms=round(one, 2), infer_images_per_s=round(batch * 1000 / full, 1))
-    if device.type == "cuda":  # the same inference replayed from CUDA graphs (common.networks.graphs)
-        graphed = CUDAGraphInference(model).eval()
+    if compile_mode:
+        row["compile"] = compile_mode
+    if device.type == "cuda" and not compile_mode:  # the same inference replayed from CUDA graphs
+        graphed = CUDAGraphInference(eager).eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             one_g = timed(lambda: graphed(x[:1]), device, repeat, 3)
             full_g = timed(lambda: graphed(x), device, repeat, 3)
             err = (graphed(x[:1]).float() - model(x[:1]).float()).abs().max().item()
         row.update(graph_infer_batch1_ms=round(one_g, 2), graph_infer_images_per_s=round(batch * 1000 / full_g, 1),
                    graph_max_abs_diff=err)
+        # one 3D volume through the bundles' inferer (SliceInferer, 16 slices a batch), eager and as the
+        # inference configs run it (graphed_for_inference: batch buckets 1, 2, 4, 8, 16)
+        from monai.inferers import SliceInferer
+
+        depth = VOLUME_DEPTH[network]
+        vol = torch.randn(1, in_ch, size, size, depth, device=device)
+        inferer = SliceInferer(roi_size=(size, size), sw_batch_size=16, spatial_dim=2, progress=False)
+        bucketed = graphed_for_inference(eager, max_batch=16).eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            vol_eager = timed(lambda: inferer(vol, eager), device, max(3, repeat // 3), 1)
+            vol_graph = timed(lambda: inferer(vol, bucketed), device, max(3, repeat // 3), 1)
+        row.update(volume_depth=depth, infer_volume_ms=round(vol_eager, 1), graph_infer_volume_ms=round(vol_graph, 1))
     return row
 
 
@@ -93,6 +113,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--backends", nargs="+", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", default=None, choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+                    help="torch.compile the network with this mode")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     _, _, _, size, batch = NETWORKS[args.network]
@@ -101,8 +124,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     rows = []
     for backend in backends:
-        for precision in ("fp32", "bf16"):
-            row = measure(args.network, backend, precision, batch, size, device, args.repeat)
+        for precision in args.precisions:
+            row = measure(args.network, backend, precision, batch, size, device, args.repeat, args.compile)
             rows.append(row)
             print(json.dumps(row), flush=True)
     today = dt.date.today().isoformat()

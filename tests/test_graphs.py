@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.networks.graphs import CUDAGraphInference
+from common.networks.graphs import CUDAGraphInference, graphed_for_inference
 from common.networks.mambahunet import MambaHUNet
 
 CUDA = torch.cuda.is_available()
@@ -51,3 +51,24 @@ def test_cuda_graph_replays_the_eager_forward(amp):
         wrapped.load_state_dict(state)
         x = xs[0]
         torch.testing.assert_close(wrapped(x).float(), net(x).float(), rtol=1e-3, atol=1e-3)
+
+
+def test_graphed_for_inference_leaves_cpu_modules_alone_and_checks_buckets():
+    net = small_net()
+    assert graphed_for_inference(net) is net  # CPU parameters: nothing to graph
+    with pytest.raises(ValueError, match="batch_buckets"):
+        CUDAGraphInference(net, batch_buckets=[0, 4])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_batch_buckets_pad_and_share_graphs():
+    net = small_net().cuda().eval()
+    wrapped = graphed_for_inference(net, max_batch=6)
+    assert wrapped.batch_buckets == [1, 2, 4, 6]
+    with torch.no_grad():
+        for b in (6, 5, 3, 4, 1, 6, 7):
+            x = torch.randn(b, 1, 32, 32, device="cuda")
+            out = wrapped(x)
+            assert out.shape[0] == b
+            torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-4)
+    assert sorted(k[0][0] for k in wrapped._graphs) == [1, 4, 6, 7]  # 5 -> 6, 3 -> 4, 7 gets its own

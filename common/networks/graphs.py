@@ -10,18 +10,22 @@ side stream, as PyTorch's documentation prescribes) and replays it afterwards; e
 module's own (no prefix), so checkpoints load either way.
 
 Inputs are copied into the graph's static input and the output is cloned out, so callers may keep
-results across calls. Parameters must not be replaced (in-place updates such as loading a state
-dict are fine: the graph reads the same memory).
+results across calls. With ``batch_buckets`` a batch is padded up to the smallest bucket that holds
+it (rows are independent in eval mode), so the last, smaller batch of each volume of a
+:class:`monai.inferers.SliceInferer` reuses a graph instead of capturing a new one. Parameters must
+not be replaced (in-place updates such as loading a state dict are fine: the graph reads the same
+memory).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["CUDAGraphInference"]
+__all__ = ["CUDAGraphInference", "graphed_for_inference"]
 
 
 class _Graph:
@@ -37,13 +41,19 @@ class CUDAGraphInference(nn.Module):
         warmup: eager calls on a side stream before capturing a new shape (cuDNN/Triton autotuning
             and lazy initialisation must happen outside the capture).
         max_graphs: graphs kept (least recently used dropped first); each holds its own memory pool.
+        batch_buckets: batch sizes to capture; a batch is padded up to the smallest bucket that holds
+            it (larger batches get a graph of their own). ``None``: one graph per batch size seen.
     """
 
-    def __init__(self, module: nn.Module, warmup: int = 3, max_graphs: int = 8) -> None:
+    def __init__(self, module: nn.Module, warmup: int = 3, max_graphs: int = 8,
+                 batch_buckets: Sequence[int] | None = None) -> None:
         super().__init__()
         self.module = module
         self.warmup = int(warmup)
         self.max_graphs = int(max_graphs)
+        self.batch_buckets = sorted({int(b) for b in batch_buckets}) if batch_buckets else []
+        if any(b < 1 for b in self.batch_buckets):
+            raise ValueError(f"batch_buckets must be positive batch sizes, got {list(batch_buckets)}")
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.training = module.training  # the wrapper starts in its module's mode
 
@@ -65,13 +75,18 @@ class CUDAGraphInference(nn.Module):
         return (not self.module.training and x.is_cuda and not torch.is_grad_enabled()
                 and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing())
 
+    def _padded_batch(self, batch: int) -> int:
+        return next((b for b in self.batch_buckets if b >= batch), batch)
+
     def _key(self, x: torch.Tensor) -> tuple:
         amp = torch.is_autocast_enabled("cuda")
-        return (tuple(x.shape), x.dtype, x.device, amp, torch.get_autocast_dtype("cuda") if amp else None)
+        shape = (self._padded_batch(x.shape[0]), *x.shape[1:])
+        return (shape, x.dtype, x.device, amp, torch.get_autocast_dtype("cuda") if amp else None)
 
     def _capture(self, x: torch.Tensor, key: tuple) -> _Graph:
         amp, amp_dtype = key[3], key[4]
-        static_in = x.detach().clone()
+        static_in = x.new_zeros(key[0])
+        static_in[: x.shape[0]].copy_(x)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         # the autocast weight cache must be off while capturing (its casts would be freed after it)
@@ -100,6 +115,25 @@ class CUDAGraphInference(nn.Module):
             entry = self._capture(x, key)
         else:
             self._graphs.move_to_end(key)
-        entry.static_in.copy_(x)
+        batch = x.shape[0]
+        entry.static_in[:batch].copy_(x)  # rows past the batch keep older inputs: they are not returned
         entry.graph.replay()
-        return entry.static_out.clone()
+        return entry.static_out[:batch].clone()
+
+
+def graphed_for_inference(module: nn.Module, enabled: bool = True, max_batch: int = 16) -> nn.Module:
+    """``module`` wrapped in :class:`CUDAGraphInference` when enabled and its parameters are on a GPU.
+
+    The bundles' inference configs call this (``cuda_graphs``: true/false): on CPU, or disabled, the
+    module is returned as is. Batch buckets are the powers of two below ``max_batch`` and
+    ``max_batch`` itself (the inferer's ``sw_batch_size``), so at most ~log2(max_batch) + 1 graphs.
+    """
+    param = next(module.parameters(), None)
+    if not enabled or param is None or not param.is_cuda:
+        return module
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    buckets.append(int(max_batch))
+    return CUDAGraphInference(module, batch_buckets=buckets, max_graphs=max(8, len(buckets)))

@@ -2,11 +2,13 @@
 
 The pure-PyTorch backend (:mod:`common.ops.scan_torch`) is memory-bound: every one of its ~10
 tensor passes over the ``(L, batch, dim, N)`` states goes through memory. Here one C loop per
-(batch, block of 16 channels) keeps the states in registers and vectorises across the channels
-(``csrc/selective_scan_cpu.c``): forward, and a backward that recomputes the states segment by
-segment (every ``K`` = 64 steps) from checkpoints the forward kept, then runs the adjoint
-recurrence backwards. Softplus, ``delta_bias``, ``D`` and the ``z`` gate stay in PyTorch
-(element-wise, cheap). Float32 state math for float32/bf16/fp16 inputs, float64 for float64.
+(batch, block of 8 channels, one 256-bit vector) keeps the states in registers and vectorises across
+the channels (``csrc/selective_scan_cpu.c``): forward, and a backward that recomputes the states
+segment by segment (every ``K`` = 16 steps, so a segment's states and decays stay in L1) from
+checkpoints the forward kept, then runs the adjoint recurrence backwards. Softplus, ``delta_bias``,
+``D`` and the ``z`` gate are fused into the kernel. The grouped ``dB`` / ``dC`` of a step (a sum over
+the block's 8 channels for each state) are reduced 8 states at a time with vector shuffles. Float32
+state math for float32/bf16/fp16 inputs, float64 for float64.
 
 Build: the first call compiles the C file with the machine's C compiler (``$CC``, else ``cc`` /
 ``gcc``; ``-O3 -march=native -fopenmp``, falling back to portable flags and then to no OpenMP)
@@ -42,7 +44,7 @@ _FLAG_SETS = (
     ["-O3", "-fno-math-errno", "-Wno-psabi"],  # no OpenMP: one thread
 )
 _LANES = 8  # channels per task (VLANES in the C file: one 256-bit vector of floats)
-_SEGMENT = 64  # steps between the forward's state checkpoints (K)
+_SEGMENT = 16  # steps between the forward's state checkpoints (K)
 
 
 def _compiler() -> str | None:

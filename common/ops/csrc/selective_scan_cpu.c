@@ -72,6 +72,24 @@ static inline float exp_f32(float x) {
 /* select(m, a, b): a where the lane mask m is set (-1), else b */
 static inline vf8 sel_vf8(vi8 m, vf8 a, vf8 b) { return (vf8)(((vi8)a & m) | ((vi8)b & ~m)); }
 
+/* the lane sums of 8 vectors at once, as one vector: three rounds of pairwise shuffles and adds
+ * (21 operations instead of 8 horizontal sums). out[k] = sum_j v[k][j]. */
+#if defined(__clang__)
+#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (vi8){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+static inline vf8 sum8x8_vf8(const vf8 *v) {
+    vf8 p[4], q[2];
+    for (int i = 0; i < 4; ++i)
+        p[i] = SHUF8(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               SHUF8(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i)
+        q[i] = SHUF8(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               SHUF8(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUF8(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF8(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 static inline vf8 exp_vf8(vf8 x) {
     const vf8 lo = (vf8){0} - 87.0f, hi = (vf8){0} + 88.0f;
     x = sel_vf8(x < lo, lo, x);
@@ -107,12 +125,14 @@ static inline double softplus_f64(double x) { return x > 30.0 ? x : log1p(exp(x)
 #define CAT(a, b) CAT2(a, b)
 
 /* float, 8 channels per task */
+#define VEC8 1
 #define T float
 #define LT vf8
 #define EXPL exp_vf8
 #define SOFTPLUSL softplus_vf8
 #define SUF f32v
 #include __FILE__
+#undef VEC8
 #undef T
 #undef LT
 #undef EXPL
@@ -202,6 +222,14 @@ static inline T FN(lane_sum)(LT v) {
     memcpy(a, &v, sizeof v);
     for (int64_t j = 0; j < W; ++j) s += a[j];
     return s;
+}
+/* row[n] = lane sum of v[n], n < N (the grouped dB / dC of one step) */
+static inline void FN(lane_sums)(T *row, const LT *v, int64_t N) {
+    int64_t n = 0;
+#ifdef VEC8
+    for (; n + 8 <= N; n += 8) FN(store)(row + n, sum8x8_vf8(v + n));
+#endif
+    for (; n < N; ++n) row[n] = FN(lane_sum)(v[n]);
 }
 /* B or C of the block's lanes at step t, state n: fixed (N, dim) at columns d0..d0+W; grouped:
  * the (b, group) slab (L, N), the same value for every lane. */
@@ -293,10 +321,11 @@ static inline __attribute__((always_inline)) void FN(bwd_task)(
     const T *Bp = bfix ? B : B + ((b * gb + d0 / (dim / gb)) * L) * N;
     const T *Cp = cfix ? C : C + ((b * gc + d0 / (dim / gc)) * L) * N;
     const T *ckT = ckpt + (b * nblk + blk) * nseg * N * W;
-    /* work: g | anext | dA | dB (fixed) | dC (fixed), N each | hs (K + 1) N | as K N |
-     * tiles u, dt, sig, z, dout, du, ddt, dz (K each) */
+    /* work: g | anext | dA | dB (fixed) | dC (fixed) | dB, dC of one step (grouped), N each |
+     * hs (K + 1) N | as K N | tiles u, dt, sig, z, dout, du, ddt, dz (K each) */
     LT *g = work, *anext = g + N, *dAa = anext + N, *dBa = dAa + N, *dCa = dBa + N;
-    LT *hs = dCa + N, *as = hs + (K + 1) * N;
+    LT *dBt = dCa + N, *dCt = dBt + N;
+    LT *hs = dCt + N, *as = hs + (K + 1) * N;
     LT *tu = as + K * N, *tdt = tu + K, *tsig = tdt + K, *tz = tsig + K, *tdo = tz + K;
     LT *tdu = tdo + K, *tddt = tdu + K, *tdz = tddt + K;
     const LT Dv = FN(chan)(D, d0);
@@ -344,13 +373,15 @@ static inline __attribute__((always_inline)) void FN(bwd_task)(
                 g[n] = gv;
                 yv += cv * hc[n];
                 const LT dCv = dyv * hc[n], dBv = gv * x, w = gv * hp[n] * ac[n];
-                if (cfix) dCa[n] += dCv; else dCrow[t * N + n] = FN(lane_sum)(dCv);
-                if (bfix) dBa[n] += dBv; else dBrow[t * N + n] = FN(lane_sum)(dBv);
+                if (cfix) dCa[n] += dCv; else dCt[n] = dCv;
+                if (bfix) dBa[n] += dBv; else dBt[n] = dBv;
                 sB += gv * bv;
                 dda += w * FN(load)(At + n * dim + d0);
                 dAa[n] += w * dv;
                 anext[n] = ac[n];
             }
+            if (!cfix) FN(lane_sums)(dCrow + t * N, dCt, N);
+            if (!bfix) FN(lane_sums)(dBrow + t * N, dBt, N);
             if (z) tdz[i] = tdo[i] * yv * sgz * (tz[i] * (1.0f - sgz) + 1.0f);
             tdu[i] = dv * sB + dyv * Dv;
             dDa += dyv * uv;
@@ -423,7 +454,7 @@ static int FN(ss_bwd)(const T *u, const T *delta, const T *bias, const T *At, co
 #define BWD(BF, CF)                                                                                            \
     FN(bwd_task)(u, delta, bias, At, B, C, D, z, dout, dlast, ckpt, du, ddelta, dz, dA, dB, dC, dD, dbias, dim, \
                  L, N, gb, gc, K, softplus, b, blk, work, BF, CF)
-    TASK_LOOP(N * (5 + 2 * K + 1) + 8 * K, DISPATCH(BWD))
+    TASK_LOOP(N * (7 + 2 * K + 1) + 8 * K, DISPATCH(BWD))
 #undef BWD
 }
 

@@ -1,0 +1,107 @@
+"""Where a network's training step spends GPU time: torch.profiler kernel table by category.
+
+    python benchmarks/profile_network.py --network msvmunet --precision bf16 --backend triton
+
+Prints the top kernels and a breakdown by category (selective scan, matmul, convolution,
+normalisation, elementwise / copies, optimizer) of a few training steps, and writes it as JSON
+(``--out``). Categories are matched on kernel names, so they are approximate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_network import NETWORKS, build  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("selective scan", ("_fwd_kernel", "_bwd_kernel", "selective_scan", "scan_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "matmul", "sgemm", "nvjet", "xmma_gemm", "splitk")),
+    ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop")),
+    ("normalisation", ("norm", "welford")),
+    ("softmax / loss", ("softmax", "nll", "cross_entropy", "log_softmax")),
+    ("reduction", ("reduce",)),
+    ("copy / layout", ("copy", "cat", "flip", "transpose", "permute", "index", "gather", "scatter")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton_")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--network", choices=sorted(NETWORKS), default="msvmunet")
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    _, classes, in_ch, size, batch = NETWORKS[args.network]
+    batch = args.batch or batch
+    torch.manual_seed(0)
+    model = build(args.network, args.backend, size).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    x = torch.randn(batch, in_ch, size, size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, classes, (batch, size, size), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if ev.device_type == torch.autograd.DeviceType.CUDA and t > 0:
+            k = kernels.setdefault(ev.key, [0.0, 0])
+            k[0] += t / 1000 / args.steps
+            k[1] += ev.count // args.steps
+    total = sum(v[0] for v in kernels.values())
+    cats: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        cats[category(name)] = cats.get(category(name), 0.0) + ms
+    print(f"{args.network} {args.backend} {args.precision} batch {batch}: GPU kernel time {total:.1f} ms/step, "
+          f"{sum(v[1] for v in kernels.values())} kernels/step")
+    for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:16s} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]
+    for name, (ms, n) in top:
+        print(f"  {ms:8.2f} ms {n:5d}x  [{category(name)}] {name[:110]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(network=args.network, backend=args.backend, precision=args.precision, batch=batch,
+                           channels_last=args.channels_last, kernel_ms_per_step=round(total, 2),
+                           categories={k: round(v, 2) for k, v in cats.items()},
+                           top=[dict(name=n, ms=round(ms, 3), calls=c) for n, (ms, c) in top]), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
