@@ -1,0 +1,1 @@
+"""The collection of bundles: packaging, index, verification (``python -m bundles.package``)."""
