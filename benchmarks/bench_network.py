@@ -45,12 +45,15 @@ def build(name: str, backend: str, size: int):
 
 
 def measure(network: str, backend: str, precision: str, batch: int, size: int, device, repeat: int,
-            compile_mode: str | None = None) -> dict:
-    """Training step and inference timings of one network / backend / precision."""
+            compile_mode: str | None = None, graph_train: bool = False) -> dict:
+    """Training step and inference timings of one network / backend / precision.
+
+    ``graph_train``: the whole training step (forward, loss, backward, AdamW with ``capturable``)
+    captured once in a CUDA graph and replayed (PyTorch's whole-network capture recipe)."""
     _, classes, in_ch, _, _ = NETWORKS[network]
     torch.manual_seed(0)
     model = build(network, backend, size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, capturable=graph_train)
     eager = model
     if compile_mode:
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
@@ -64,12 +67,29 @@ def measure(network: str, backend: str, precision: str, batch: int, size: int, d
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return loss
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    ms = timed(step, device, repeat, 3)
+    if graph_train:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+                static_loss = torch.nn.functional.cross_entropy(model(x), y)
+            static_loss.backward()
+            opt.step()
+        ms = timed(graph.replay, device, repeat, 3)
+    else:
+        ms = timed(step, device, repeat, 3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -81,6 +101,11 @@ def measure(network: str, backend: str, precision: str, batch: int, size: int, d
                infer_batch1_ms=round(one, 2), infer_images_per_s=round(batch * 1000 / full, 1))
     if compile_mode:
         row["compile"] = compile_mode
+    if graph_train:
+        row["graph_train"] = True
+        row["graph_train_loss_finite"] = bool(torch.isfinite(static_loss).item())
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        row["tf32"] = True
     if device.type == "cuda" and not compile_mode:  # the same inference replayed from CUDA graphs
         graphed = CUDAGraphInference(eager).eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -116,7 +141,12 @@ def main(argv=None):
     ap.add_argument("--compile", default=None, choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
                     help="torch.compile the network with this mode")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--graph-train", action="store_true", help="replay the whole training step from a CUDA graph")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for float32 matmuls / convolutions")
     args = ap.parse_args(argv)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     device = torch.device(args.device)
     _, _, _, size, batch = NETWORKS[args.network]
     size, batch = args.size or size, args.batch or batch
@@ -125,7 +155,8 @@ def main(argv=None):
     rows = []
     for backend in backends:
         for precision in args.precisions:
-            row = measure(args.network, backend, precision, batch, size, device, args.repeat, args.compile)
+            row = measure(args.network, backend, precision, batch, size, device, args.repeat, args.compile,
+                          args.graph_train)
             rows.append(row)
             print(json.dumps(row), flush=True)
     today = dt.date.today().isoformat()

@@ -166,9 +166,13 @@ class SS2D(nn.Module):
         if self.force_fp32:
             x = x.float()
         xs = cross_scan(x)  # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight.to(xs.dtype))
+        # per-direction projections as matmuls broadcast over the batch: (K, c, D) @ (B, K, D, L).
+        # Same numbers as einsum("bkdl,kcd->bkcl"), which permutes into a batched GEMM that is 4-5x
+        # slower forward + backward at MSVM-UNet's thin shapes (c = dt_rank + 2N = 8) on an H100 and
+        # up to 13x on CPU (benchmarks/gpu/bench_projections.py)
+        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight.to(xs.dtype))
+        dts = torch.matmul(self.dt_projs_weight.to(xs.dtype), dts)  # (K, D, r) @ (B, K, r, L)
         ys = selective_scan(
             xs.reshape(b, -1, length),
             dts.reshape(b, -1, length),
