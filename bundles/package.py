@@ -55,6 +55,7 @@ __all__ = [
     "code_modules",
     "relocatable_config",
     "sha1sum",
+    "sha256sum",
     "verify",
 ]
 
@@ -306,8 +307,8 @@ def verify(index_path: str, archives: Sequence[str]) -> list[str]:
         key = os.path.basename(a)[: -len(".zip")] if a.endswith(".zip") else os.path.basename(a)
         if key not in index:
             problems.append(f"{a}: {key} is not in {index_path}")
-        elif sha1sum(a) != index[key]["checksum"]:
-            problems.append(f"{a}: SHA-1 {sha1sum(a)} differs from the index's {index[key]['checksum']}")
+        elif (digest := sha1sum(a)) != index[key]["checksum"]:
+            problems.append(f"{a}: SHA-1 {digest} differs from the index's {index[key]['checksum']}")
     return problems
 
 
