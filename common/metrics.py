@@ -26,14 +26,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .guards import atomic_write as _atomic_write
+from .guards import ensure_writable_dir
+
 __all__ = ["SegmentationReport", "LesionReport", "lesion_stats", "source_case_name"]
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _case_name(meta) -> str:
@@ -82,6 +78,7 @@ class SegmentationReport:
         self._cases: list[str] = []
 
     def attach(self, engine: Engine) -> None:
+        ensure_writable_dir(self.save_dir)  # before the evaluation, not after it
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._cases.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -199,6 +196,7 @@ class LesionReport:
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
+        ensure_writable_dir(self.output_dir)  # before the inference, not after it
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 from ignite.engine import Engine, Events
 
+from .guards import atomic_write, ensure_writable_dir
 from .metrics import source_case_name
 
 __all__ = ["OverlayWriter", "overlay_montage"]
@@ -60,6 +61,7 @@ class OverlayWriter:
         self.data_root_dir = data_root_dir
 
     def attach(self, engine: Engine) -> None:
+        ensure_writable_dir(self.output_dir)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -77,5 +79,4 @@ class OverlayWriter:
             name = source_case_name(src, self.data_root_dir)
             path = os.path.join(self.output_dir, f"{name}_overlay.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(montage).save(path + ".tmp", format="PNG")
-            os.replace(path + ".tmp", path)
+            atomic_write(path, lambda f, m=montage: Image.fromarray(m).save(f, format="PNG"), binary=True)

@@ -32,8 +32,16 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import MapTransform
 
+from ..guards import (
+    BadInputError,
+    MissingInputError,
+    check_finite,
+    check_label_values,
+    read_volume,
+    volume_depth,
+)
 from .sample import ensure_generated, expand_slices
 
 __all__ = [
@@ -52,16 +60,19 @@ _FRAME_RE = re.compile(r"^(patient\d+)_frame(\d+)\.nii(\.gz)?$")
 
 
 def detect_acdc_layout(dataset_dir: str) -> str:
-    """``"mtunet"`` or ``"nifti"``; ``ValueError`` naming the folder when it is neither."""
+    """``"mtunet"`` or ``"nifti"``; :class:`~common.guards.BadInputError` naming the folder when it is neither
+    (:class:`~common.guards.MissingInputError` when it does not exist)."""
     if not os.path.isdir(dataset_dir):
-        raise FileNotFoundError(f"ACDC dataset folder not found: {dataset_dir}")
+        raise MissingInputError(dataset_dir, "ACDC dataset folder not found")
     if any(os.path.isdir(os.path.join(dataset_dir, d)) for d in _LIST_DIRS):
         return "mtunet"
     if glob.glob(os.path.join(dataset_dir, "*", "patient*", "patient*_frame*_gt.nii*")):
         return "nifti"
-    raise ValueError(
-        f"{dataset_dir} is not an ACDC folder: expected lists_ACDC/ with train/ valid/ test/ npz files "
-        "(MT-UNet layout) or training/ and testing/ with patientXXX/patientXXX_frameYY[_gt].nii.gz (raw ACDC)"
+    empty = " (the folder is empty)" if not os.listdir(dataset_dir) else ""
+    raise BadInputError(
+        dataset_dir,
+        f"this folder is not an ACDC folder{empty}: expected lists_ACDC/ with train/ valid/ test/ npz files "
+        "(MT-UNet layout) or training/ and testing/ with patientXXX/patientXXX_frameYY[_gt].nii.gz (raw ACDC)",
     )
 
 
@@ -71,7 +82,7 @@ def _mtunet_list(dataset_dir: str, split: str) -> list[str]:
         if os.path.isfile(path):
             with open(path) as f:
                 return [line.strip() for line in f if line.strip()]
-    raise FileNotFoundError(f"no list file for split '{split}' under {dataset_dir} (looked for lists_ACDC/{split}.txt)")
+    raise MissingInputError(dataset_dir, f"no list file for split '{split}' (looked for lists_ACDC/{split}.txt)")
 
 
 def _nifti_cases(dataset_dir: str, subset: str) -> list[dict]:
@@ -79,7 +90,7 @@ def _nifti_cases(dataset_dir: str, subset: str) -> list[dict]:
     for gt in sorted(glob.glob(os.path.join(dataset_dir, subset, "patient*", "patient*_frame*_gt.nii*"))):
         image = gt.replace("_gt.nii", ".nii")
         if not os.path.isfile(image):
-            raise FileNotFoundError(f"label {gt} has no image beside it (expected {image})")
+            raise MissingInputError(gt, f"this label has no image beside it (expected {image})")
         cases.append({"image": image, "label": gt, "case": os.path.basename(image).split(".nii")[0]})
     return cases
 
@@ -102,7 +113,7 @@ def acdc_datalist(dataset_dir: str, split: str, slices: bool | None = None) -> l
         for name in _mtunet_list(dataset_dir, split):
             path = os.path.join(dataset_dir, split, name if name.endswith(".npz") else name + ".npz")
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is listed in lists_ACDC/{split}.txt but does not exist")
+                raise MissingInputError(path, f"listed in lists_ACDC/{split}.txt but does not exist")
             items.append({"image": path, "label": path, "case": os.path.splitext(os.path.basename(path))[0]})
         is_volume = bool(items) and _depth_or_none(items[0]["image"]) is not None
         if slices and is_volume:
@@ -112,7 +123,7 @@ def acdc_datalist(dataset_dir: str, split: str, slices: bool | None = None) -> l
         return items
     cases = _nifti_cases(dataset_dir, "training" if split == "train" else "testing")
     if not cases:
-        raise ValueError(f"no patient*_frame*_gt.nii[.gz] files for split '{split}' under {dataset_dir}")
+        raise MissingInputError(dataset_dir, f"no patient*_frame*_gt.nii[.gz] files for split '{split}'")
     return expand_slices(cases, _depth) if slices else cases
 
 
@@ -125,7 +136,7 @@ def _group_slices(items: list[dict]) -> list[dict]:
     for item in items:
         m = _SLICE_RE.match(item["case"])
         if not m:
-            raise ValueError(f"{item['image']}: slice file name is not <case>_slice<FRAME>_<index>.npz")
+            raise BadInputError(item["image"], "slice file name is not <case>_slice<FRAME>_<index>.npz")
         groups.setdefault(f"{m.group(1)}_volume_{m.group(2)}", []).append((int(m.group(3)), item["image"]))
     out = []
     for case, members in groups.items():
@@ -136,17 +147,17 @@ def _group_slices(items: list[dict]) -> list[dict]:
 
 def _depth_or_none(path: str) -> int | None:
     """Depth of an npz volume, None for a 2D slice file."""
-    with np.load(path) as data:
-        return int(data["img"].shape[0]) if data["img"].ndim == 3 else None
+    img = _read_npz(path)[0]
+    return int(img.shape[0]) if img.ndim == 3 else None
 
 
 def _depth(path: str) -> int:
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            return int(data["img"].shape[0])
-    import nibabel as nib
-
-    return int(nib.load(path).shape[2])
+        img = _read_npz(path)[0]
+        if img.ndim != 3:
+            raise BadInputError(path, f"expected a (D, H, W) volume, got shape {img.shape}")
+        return int(img.shape[0])
+    return volume_depth(path)
 
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -154,15 +165,18 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path) as data:
             missing = [k for k in ("img", "label") if k not in data.files]
             if missing:
-                raise ValueError(f"{path}: npz file has no {missing[0]!r} array (it has {data.files}; "
-                                 "expected 'img' and 'label')")
+                raise BadInputError(path, f"npz file has no {missing[0]!r} array (it has {data.files}; "
+                                          "expected 'img' and 'label')")
             img, label = data["img"], data["label"]
-    except ValueError:
+    except BadInputError:
         raise
+    except FileNotFoundError as err:
+        raise MissingInputError(path, "npz file not found") from err
     except Exception as err:
-        raise ValueError(f"{path}: cannot read npz file ({err})") from err
+        raise BadInputError(path, f"cannot read npz file: it is corrupt or truncated ({err})") from err
     if img.shape != label.shape:
-        raise ValueError(f"{path}: image shape {img.shape} != label shape {label.shape}")
+        raise BadInputError(path, f"image shape {img.shape} and label shape {label.shape} differ")
+    check_finite(img.astype(np.float32), path)
     return img.astype(np.float32), label.astype(np.float32)
 
 
@@ -173,7 +187,7 @@ def load_acdc(item: Mapping, normalize_nifti: bool = True) -> tuple[MetaTensor, 
         pairs = [_read_npz(p) for p in path]
         shapes = {p[0].shape for p in pairs}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"{path[0]}: the slices of this volume differ in shape or are not 2D: {shapes}")
+            raise BadInputError(path[0], f"the slices of this volume differ in shape or are not 2D: {shapes}")
         img, label = np.stack([p[0] for p in pairs], -1), np.stack([p[1] for p in pairs], -1)
         meta = {"filename_or_obj": path[0]}
         return (MetaTensor(torch.from_numpy(img)[None], meta=dict(meta)),
@@ -185,17 +199,15 @@ def load_acdc(item: Mapping, normalize_nifti: bool = True) -> tuple[MetaTensor, 
             if slice_index is not None:
                 img, label = img[..., slice_index], label[..., slice_index]
         elif img.ndim != 2:
-            raise ValueError(f"{path}: expected a 2D slice or a 3D volume, got shape {img.shape}")
+            raise BadInputError(path, f"expected a 2D slice or a 3D volume, got shape {img.shape}")
         meta = {"filename_or_obj": path}
         image = MetaTensor(torch.from_numpy(np.ascontiguousarray(img))[None], meta=dict(meta))
         lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(label))[None], meta=dict(meta))
         return image, lab
-    loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-    image, lab = loader(path), loader(item["label"])
-    if image.ndim != 4:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {tuple(image.shape[1:])}")
+    image, lab = read_volume(path, "image"), read_volume(item["label"], "label")
     if image.shape != lab.shape:
-        raise ValueError(f"{path}: image shape {tuple(image.shape[1:])} != label shape {tuple(lab.shape[1:])}")
+        raise BadInputError(path, f"image shape {tuple(image.shape[1:])} and label shape {tuple(lab.shape[1:])} "
+                                  f"differ (label {item['label']})")
     if normalize_nifti:
         lo, hi = image.min(), image.max()
         image = (image - lo) / (hi - lo) if hi > lo else image * 0
@@ -207,7 +219,9 @@ def load_acdc(item: Mapping, normalize_nifti: bool = True) -> tuple[MetaTensor, 
 class LoadACDCd(MapTransform):
     """Load ``image`` and ``label`` of an ACDC data dict from either layout (see :func:`load_acdc`).
 
-    Label values are checked to be class indices 0..3.
+    Label values are checked to be class indices 0..3. Every problem with a file (missing, corrupt,
+    2D or 4D, several channels, NaN / infinite voxels, shapes of image and label differ, other label
+    values) raises one :class:`~common.guards.BundleError` naming it.
     """
 
     def __init__(self, keys=("image", "label"), normalize_nifti: bool = True, allow_missing_keys: bool = False):
@@ -221,9 +235,10 @@ class LoadACDCd(MapTransform):
         image_key, label_key = self.keys
         image, label = load_acdc({"image": d[image_key], "label": d[label_key], "slice": d.get("slice")},
                                  self.normalize_nifti)
-        values = torch.unique(label)
-        if values.min() < 0 or values.max() > len(ACDC_CLASSES) - 1 or not torch.all(values == values.round()):
-            raise ValueError(f"{d[label_key]}: label values {values.tolist()} are not class indices 0..3")
+        label_path = d[label_key][0] if isinstance(d[label_key], (list, tuple)) else d[label_key]
+        check_label_values(label, str(label_path), len(ACDC_CLASSES),
+                           "class indices 0..3 of this bundle (" +
+                           ", ".join(f"{i} {n}" for i, n in enumerate(ACDC_CLASSES)) + ")")
         d[image_key], d[label_key] = image, label
         return d
 

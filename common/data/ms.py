@@ -46,9 +46,9 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, GaussianSharpen, LoadImage, MapTransform, ScaleIntensityRangePercentiles
+from monai.transforms import Compose, GaussianSharpen, MapTransform, ScaleIntensityRangePercentiles
 
+from ..guards import BadInputError, MissingInputError, check_finite, check_label_values, read_volume, volume_depth
 from .sample import ensure_generated, expand_slices
 
 __all__ = [
@@ -76,11 +76,11 @@ def _first_existing(paths: Sequence[str]) -> str | None:
 def find_ms_cases(dataset_dir: str) -> list[dict]:
     """Every patient of ``dataset_dir`` in either layout: dicts ``case``, ``image``, ``label``, ``layout``.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the folder when it is missing, holds no
-    patient, or a patient's FLAIR has no mask (or the other way round).
+    Raises :class:`~common.guards.MissingInputError` / :class:`~common.guards.BadInputError` naming the
+    folder when it is missing, holds no patient, or a patient's FLAIR has no mask (or the other way round).
     """
     if not os.path.isdir(dataset_dir):
-        raise FileNotFoundError(f"MS dataset folder {dataset_dir} does not exist")
+        raise MissingInputError(dataset_dir, "MS dataset folder does not exist")
     cases = []
     for entry in sorted(os.listdir(dataset_dir)):
         folder = os.path.join(dataset_dir, entry)
@@ -100,13 +100,15 @@ def find_ms_cases(dataset_dir: str) -> list[dict]:
                 continue  # not a patient folder
         if image is None or label is None:
             have, miss = (image, "lesion mask") if label is None else (label, "FLAIR image")
-            raise FileNotFoundError(f"{folder}: found {os.path.basename(have) if have else 'nothing'} but no "
-                                    f"{miss} ({layout} layout: see common/data/ms.py)")
+            raise MissingInputError(folder, f"found {os.path.basename(have) if have else 'nothing'} but no "
+                                            f"{miss} ({layout} layout: see common/data/ms.py)")
         cases.append({"case": entry, "image": image, "label": label, "layout": layout})
     if not cases:
-        raise ValueError(f"{dataset_dir} holds no MS patients: expected Patient-N/N-Flair.nii + "
-                         "N-LesionSeg-Flair.nii (Muslim et al. 2022) or <id>/flair_time02_on_middle_space.nii.gz "
-                         "+ ground_truth.nii.gz (MSSEG-2) folders")
+        empty = " (the folder is empty)" if not os.listdir(dataset_dir) else ""
+        raise BadInputError(dataset_dir, f"this folder holds no MS patients{empty}: expected Patient-N/N-Flair.nii + "
+                                         "N-LesionSeg-Flair.nii (Muslim et al. 2022) or "
+                                         "<id>/flair_time02_on_middle_space.nii.gz + ground_truth.nii.gz (MSSEG-2) "
+                                         "folders")
 
     def key(c):  # Patient-2 before Patient-10
         m = _MUSLIM_DIR.match(c["case"])
@@ -135,15 +137,7 @@ def split_cases(cases: Sequence[dict], fractions: Sequence[float] = (0.7, 0.15, 
 
 
 def _depth(path: str) -> int:
-    import nibabel as nib
-
-    try:
-        shape = nib.load(path).shape
-    except Exception as err:  # nibabel raises several types for broken headers
-        raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
-    if len(shape) != 3:
-        raise ValueError(f"{path}: expected a 3D FLAIR volume, got shape {shape}")
-    return int(shape[2])
+    return volume_depth(path, "FLAIR image")
 
 
 def ms_datalist(dataset_dir: str, split: str, slices: bool | None = None, seed: int = 0,
@@ -162,8 +156,8 @@ def ms_datalist(dataset_dir: str, split: str, slices: bool | None = None, seed: 
     cases = find_ms_cases(dataset_dir)
     chosen = cases if split == "all" else split_cases(cases, fractions, seed)[split]
     if not chosen:
-        raise ValueError(f"{dataset_dir}: the {split} split is empty ({len(cases)} patients; "
-                         f"fractions {tuple(fractions)})")
+        raise BadInputError(dataset_dir, f"the {split} split is empty ({len(cases)} patients; "
+                                         f"fractions {tuple(fractions)})")
     slices = (split == "train") if slices is None else slices
     return expand_slices(chosen, _depth) if slices else list(chosen)
 
@@ -193,7 +187,7 @@ class PreprocessFlaird(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            _require_finite(d[key], getattr(d[key], "meta", {}).get("filename_or_obj", key))
+            check_finite(d[key], getattr(d[key], "meta", {}).get("filename_or_obj", key))
             d[key] = self.transform(d[key])
         return d
 
@@ -210,7 +204,7 @@ def find_flair_images(folder: str,
     are taken (so the T1/T2 volumes of the Muslim et al. layout are left alone).
     """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"input folder {folder} does not exist")
+        raise MissingInputError(folder, "input folder does not exist")
     files = []
     for base, _, names in os.walk(folder):
         for name in names:
@@ -233,27 +227,16 @@ class _InPlaneSharpen:
         return GaussianSharpen(sigma1=(0.0,) * spatial, sigma2=sigma2, alpha=self.alpha)(img)
 
 
-def _require_finite(image, name) -> None:
-    if not torch.isfinite(torch.as_tensor(image)).all():
-        raise ValueError(f"{name}: the image has NaN or infinite voxels")
-
-
-def _load_volume(path: str) -> MetaTensor:
-    try:
-        img = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
-    except Exception as err:  # ITK / nibabel errors for truncated or corrupt files
-        raise ValueError(f"{path}: cannot read this NIfTI file ({type(err).__name__}: {err})") from err
-    return img
-
-
 class LoadMSFlaird(MapTransform):
     """Load a FLAIR volume and its lesion mask (either layout), preprocess, optionally pick a slice.
 
     The whole volume is read and normalised (:func:`flair_preprocessing`) before the ``slice``
     index of the data dict (if any) is taken, so slices and volumes see the same intensities.
 
-    Raises ``ValueError`` naming the file for: unreadable files, non-3D images, NaN/Inf voxels,
-    image/mask shape mismatch.
+    Raises one :class:`~common.guards.BundleError` naming the file for: missing or unreadable
+    (corrupt, truncated) files, 2D or 4D images, several channels, NaN / infinite voxels, image and
+    mask shapes that differ, and mask values that are not labels (negative, fractional: any positive
+    whole number is lesion).
     """
 
     def __init__(self, keys=("image", "label"), preprocess: bool = True, allow_missing_keys: bool = False) -> None:
@@ -266,14 +249,12 @@ class LoadMSFlaird(MapTransform):
         d = dict(data)
         ik, lk = self.keys
         path, label_path = str(d[ik]), str(d[lk])
-        image, label = _load_volume(path), _load_volume(label_path)
-        if image.ndim != 4 or image.shape[0] != 1:
-            shape = tuple(image.shape[1:]) if image.shape[0] == 1 else (*image.shape[1:], image.shape[0])
-            raise ValueError(f"{path}: expected a 3D FLAIR volume (one channel), got shape {shape}")
+        image, label = read_volume(path, "FLAIR image"), read_volume(label_path, "lesion mask")
         if image.shape != label.shape:
-            raise ValueError(f"{path}: image shape {tuple(image.shape[1:])} != mask shape "
-                             f"{tuple(label.shape[1:])} ({label_path})")
-        _require_finite(image, path)
+            raise BadInputError(path, f"image shape {tuple(image.shape[1:])} and mask shape "
+                                      f"{tuple(label.shape[1:])} differ (mask {label_path})")
+        check_label_values(label, label_path, None, "mask labels (0 background, any positive whole number "
+                                                    "lesion)", what="lesion mask")
         if self.preprocess is not None:
             image = self.preprocess(image)
         label = (label > 0).to(torch.float32)

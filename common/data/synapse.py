@@ -27,8 +27,16 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import MapTransform
 
+from ..guards import (
+    BadInputError,
+    MissingInputError,
+    check_finite,
+    check_label_values,
+    read_volume,
+    volume_depth,
+)
 from .sample import ensure_generated, expand_slices
 
 __all__ = [
@@ -57,13 +65,15 @@ _LIST_DIRS = ("lists_Synapse", os.path.join("lists", "lists_Synapse"))
 def detect_synapse_layout(dataset_dir: str) -> str:
     """``"transunet"`` or ``"nifti"``; an error naming the folder when it is neither."""
     if not os.path.isdir(dataset_dir):
-        raise FileNotFoundError(f"Synapse dataset folder not found: {dataset_dir}")
+        raise MissingInputError(dataset_dir, "Synapse dataset folder not found")
     if any(os.path.isdir(os.path.join(dataset_dir, d)) for d in _LIST_DIRS):
         return "transunet"
     if glob.glob(os.path.join(dataset_dir, "img", "img*.nii*")):
         return "nifti"
-    raise ValueError(f"{dataset_dir} is not a Synapse folder: expected lists_Synapse/ with train_npz/ and "
-                     "test_vol_h5/ (TransUNet layout) or img/imgXXXX.nii.gz with label/labelXXXX.nii.gz (raw)")
+    empty = " (the folder is empty)" if not os.listdir(dataset_dir) else ""
+    raise BadInputError(dataset_dir, f"this folder is not a Synapse folder{empty}: expected lists_Synapse/ with "
+                                     "train_npz/ and test_vol_h5/ (TransUNet layout) or img/imgXXXX.nii.gz with "
+                                     "label/labelXXXX.nii.gz (raw)")
 
 
 def _list(dataset_dir: str, name: str) -> list[str]:
@@ -72,7 +82,7 @@ def _list(dataset_dir: str, name: str) -> list[str]:
         if os.path.isfile(path):
             with open(path) as f:
                 return [line.strip() for line in f if line.strip()]
-    raise FileNotFoundError(f"no lists_Synapse/{name} under {dataset_dir}")
+    raise MissingInputError(dataset_dir, f"no lists_Synapse/{name} in this folder")
 
 
 def synapse_datalist(dataset_dir: str, split: str, slices: bool | None = None) -> list[dict]:
@@ -93,11 +103,12 @@ def synapse_datalist(dataset_dir: str, split: str, slices: bool | None = None) -
         case = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(image))[3:]
         label = os.path.join(dataset_dir, "label", os.path.basename(image).replace("img", "label", 1))
         if not os.path.isfile(label):
-            raise FileNotFoundError(f"image {image} has no label {label}")
+            raise MissingInputError(image, f"this image has no label (expected {label})")
         if (case in TEST_CASES) == (split == "test"):
             vols.append({"image": image, "label": label, "case": "case" + case})
     if not vols:
-        raise ValueError(f"no {split} cases under {dataset_dir} (test cases are {', '.join(TEST_CASES)})")
+        raise MissingInputError(dataset_dir, f"no {split} cases in this folder (test cases are "
+                                             f"{', '.join(TEST_CASES)})")
     return expand_slices(vols, _depth) if slices else vols
 
 
@@ -107,7 +118,7 @@ def _listed(dataset_dir: str, list_name: str, folder: str, suffix: str) -> list[
     for name in _list(dataset_dir, list_name):
         path = os.path.join(dataset_dir, folder, name + suffix)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is listed in lists_Synapse/{list_name} but does not exist")
+            raise MissingInputError(path, f"listed in lists_Synapse/{list_name} but does not exist")
         items.append({"image": path, "label": path, "case": name})
     return items
 
@@ -115,9 +126,7 @@ def _listed(dataset_dir: str, list_name: str, folder: str, suffix: str) -> list[
 def _depth(path: str) -> int:
     if path.endswith((".npz", ".h5")):
         return _read(path)[0].shape[-1]
-    import nibabel as nib
-
-    return int(nib.load(path).shape[2])
+    return volume_depth(path)
 
 
 def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -129,20 +138,23 @@ def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
             with h5py.File(path, "r") as f:
                 missing = [k for k in ("image", "label") if k not in f]
                 if missing:
-                    raise ValueError(f"{path}: h5 file has no {missing[0]!r} dataset (expected 'image' and 'label')")
+                    raise BadInputError(path, f"h5 file has no {missing[0]!r} dataset (expected 'image' and 'label')")
                 img, lab = np.asarray(f["image"]), np.asarray(f["label"])
         else:
             with np.load(path) as f:
                 missing = [k for k in ("image", "label") if k not in f.files]
                 if missing:
-                    raise ValueError(f"{path}: npz file has no {missing[0]!r} array (expected 'image' and 'label')")
+                    raise BadInputError(path, f"npz file has no {missing[0]!r} array (expected 'image' and 'label')")
                 img, lab = f["image"], f["label"]
-    except ValueError:
+    except BadInputError:
         raise
+    except FileNotFoundError as err:
+        raise MissingInputError(path, "file not found") from err
     except Exception as err:
-        raise ValueError(f"{path}: cannot read ({err})") from err
+        raise BadInputError(path, f"cannot read this file: it is corrupt or truncated ({err})") from err
     if img.shape != lab.shape:
-        raise ValueError(f"{path}: image shape {img.shape} != label shape {lab.shape}")
+        raise BadInputError(path, f"image shape {img.shape} and label shape {lab.shape} differ")
+    check_finite(img.astype(np.float32), path)
     if img.ndim == 3:
         img, lab = np.moveaxis(img, 0, -1), np.moveaxis(lab, 0, -1)
     return img.astype(np.float32), lab.astype(np.float32)
@@ -152,7 +164,10 @@ class LoadSynapsed(MapTransform):
     """Load ``image`` and ``label`` of a Synapse data dict from either layout, channel-first.
 
     Raw NIfTI gets TransUNet's preprocessing (HU clip and scale, 13 -> 8 labels); labels are
-    checked to be organ indices 0..8.
+    checked to be BTCV labels 0..13 (raw NIfTI) or organ indices 0..8 (TransUNet files). Every
+    problem with a file (missing, corrupt, 2D or 4D, several channels, NaN / infinite voxels, shapes
+    of image and label differ, other label values) raises one :class:`~common.guards.BundleError`
+    naming it.
     """
 
     def __init__(self, keys=("image", "label"), allow_missing_keys: bool = False) -> None:
@@ -171,11 +186,11 @@ class LoadSynapsed(MapTransform):
             image = MetaTensor(torch.from_numpy(np.ascontiguousarray(img))[None], meta={"filename_or_obj": path})
             label = MetaTensor(torch.from_numpy(np.ascontiguousarray(lab))[None], meta={"filename_or_obj": path})
         else:
-            loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-            image, label = loader(path), loader(str(d[lk]))
+            image, label = read_volume(path, "image"), read_volume(str(d[lk]), "label")
             if image.shape != label.shape:
-                raise ValueError(f"{path}: image shape {tuple(image.shape[1:])} != label shape "
-                                 f"{tuple(label.shape[1:])}")
+                raise BadInputError(path, f"image shape {tuple(image.shape[1:])} and label shape "
+                                          f"{tuple(label.shape[1:])} differ (label {d[lk]})")
+            check_label_values(label, str(d[lk]), 14, "BTCV labels 0..13 (raw Synapse NIfTI)")
             lo, hi = HU_RANGE
             image = (image.clamp(lo, hi) - lo) / (hi - lo)
             mapped = torch.zeros_like(label)
@@ -184,9 +199,8 @@ class LoadSynapsed(MapTransform):
             label = mapped
             if index is not None:
                 image, label = image[..., index], label[..., index]
-        values = torch.unique(label)
-        if values.min() < 0 or values.max() > 8 or not torch.all(values == values.round()):
-            raise ValueError(f"{d[lk]}: label values {values.tolist()} are not organ indices 0..8")
+        check_label_values(label, str(d[lk]), len(SYNAPSE_CLASSES), "organ indices 0..8 of this bundle (" +
+                           ", ".join(f"{i} {n}" for i, n in enumerate(SYNAPSE_CLASSES)) + ")")
         d[ik], d[lk] = image, label
         return d
 

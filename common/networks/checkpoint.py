@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..guards import BadInputError, load_weights
+
 __all__ = ["read_state_dict", "load_mapped", "tensors_of"]
 
 
@@ -17,23 +19,22 @@ def tensors_of(obj) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             return tensors_of(obj[key])
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+        raise BadInputError(None, f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file, loaded with ``weights_only=True``, ``module.`` prefixes removed.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not
-    plain tensors (a pickle that needs code to load is refused, never executed).
+    Raises (:func:`common.guards.load_weights`) ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for a file that is not plain tensors (a pickle that needs code to load is
+    refused, never executed) or is corrupt.
     """
+    raw = load_weights(path, map_location="cpu")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as err:
-        raise ValueError(f"cannot load checkpoint {path} as plain tensors (weights_only=True): {err}") from err
-    return tensors_of(raw)
+        return tensors_of(raw)
+    except BadInputError as err:
+        raise BadInputError(path, err.problem) from None
 
 
 def load_mapped(model: nn.Module, mapped: dict[str, torch.Tensor], source: str, expected: Iterable[str],
