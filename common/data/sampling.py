@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..guards import BadInputError
+
 __all__ = ["ForegroundOversampler", "slices_with_foreground"]
 
 
@@ -40,7 +42,7 @@ def slices_with_foreground(datalist: Sequence[dict], label_key: str = "label") -
             try:
                 lab = np.asarray(load(path))
             except Exception as err:
-                raise ValueError(f"{path}: cannot read the label to find foreground slices ({err})") from err
+                raise BadInputError(path, f"cannot read the label to find foreground slices ({err})") from err
             # slices with foreground along the last axis (a 2D label: one entry)
             per_file[path] = (lab.reshape(-1, lab.shape[-1]) != 0).any(0) if lab.ndim >= 3 else \
                 np.array([bool((lab != 0).any())])
@@ -60,6 +62,11 @@ class ForegroundOversampler(Sampler[int]):
         seed: random seed; each replica ``rank`` draws its own stream.
         num_replicas, rank: for distributed training (one sampler per process, like
             ``DistributedSampler``); every replica yields ``num_samples`` indices.
+
+    Like ``DistributedSampler``, :meth:`set_epoch` makes an epoch's indices a function of
+    ``(seed, rank, epoch)`` alone (MONAI's workflows and :class:`common.handlers.EpochSeed` call
+    it), so a training resumed at epoch ``e`` draws what the uninterrupted run drew; without it,
+    one stream runs on across epochs.
     """
 
     def __init__(self, foreground: Sequence[bool], batch_size: int, fraction: float = 0.33,
@@ -76,7 +83,12 @@ class ForegroundOversampler(Sampler[int]):
         self.forced = 0 if fraction == 0 or len(self.fg_index) == 0 else max(1, round(fraction * batch_size))
         self.forced = min(self.forced, self.batch_size)
         self.num_samples = int(num_samples) if num_samples else math.ceil(self.n / num_replicas)
-        self.generator = torch.Generator().manual_seed(int(seed) * 1000003 + int(rank))
+        self.seed, self.rank = int(seed), int(rank)
+        self.generator = torch.Generator().manual_seed(self.seed * 1000003 + self.rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the random stream at a state that depends only on seed, rank and ``epoch``."""
+        self.generator.manual_seed((self.seed * 1000003 + self.rank) * 1009 + int(epoch))
 
     def __len__(self) -> int:
         return self.num_samples
