@@ -49,6 +49,37 @@ def _ensure_common(bundles_dir: str) -> None:
     importlib.import_module("common.data")  # raises with the reason when still missing
 
 
+def _torchvision_stand_in() -> None:
+    """Let the server run without a working torchvision.
+
+    ``monailabel.transform.post`` (imported by the stock bundle infer task) runs ``from torchvision.utils
+    import make_grid, save_image`` at import, for its 2D pathology debug transform ``DumpImagePrediction2Dd``
+    only; nothing this app runs calls them, and nothing else on its path imports torchvision. Where
+    torchvision is missing, or does not import next to this torch (PyPI's torchvision is a CUDA build:
+    next to the CPU build of torch it fails with "operator torchvision::nms does not exist"), a stand-in
+    ``torchvision.utils`` whose two functions raise takes its place. ``import torchvision`` itself still
+    fails, so MONAI's optional imports keep seeing torchvision as absent.
+    """
+    try:
+        importlib.import_module("torchvision.utils")
+        return
+    except Exception as err:  # ImportError, or RuntimeError from a torchvision built for another torch
+        reason = f"{type(err).__name__}: {err}"
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # a half-imported torchvision
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError(f"torchvision is not available here ({reason})")
+
+    utils = type(sys)("torchvision.utils", "stand-in of monailabel_app/main.py: torchvision does not import")
+    utils.make_grid = utils.save_image = unavailable
+    sys.modules["torchvision.utils"] = utils
+    logger.info(f"torchvision does not import ({reason}); serving without it")
+
+
+logger = logging.getLogger(__name__)
+_torchvision_stand_in()
+
 import monailabel  # noqa: E402
 from mamba_tasks import (  # noqa: E402  (beside this file: MONAI Label puts the app folder on sys.path while loading it)
     INFER_KEYS,
@@ -61,8 +92,6 @@ from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 
 class MambaSegApp(MONAILabelApp):
