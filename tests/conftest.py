@@ -12,13 +12,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
 
-# The longest modules (each holds a learning check: minutes of CPU training) are scheduled first and
-# interleaved with a short one, so that with --dist loadscope the two workers start with one and two
-# of them respectively instead of one worker getting two of the longest at the end.
-FIRST = ["test_mambahunet_bundle.py", "test_mssmamba_bundle.py", "test_demo.py", "test_msvmunet_bundle.py",
-         "test_model_zoo.py", "test_monailabel.py"]
+# Scheduling for pytest-xdist's loadscope (whole modules per worker, --no-loadscope-reorder keeps
+# this order): the three modules with a learning check (minutes of CPU training) go first, one to
+# each worker and the third next, and inside every module the slow tests run first. xdist hands a
+# worker its next module once it has two or fewer tests left, so a long test that ran last in its
+# module would have the next module queued behind it while the other worker idles.
+FIRST = ["test_mambahunet_bundle.py", "test_mssmamba_bundle.py", "test_msvmunet_bundle.py", "test_model_zoo.py",
+         "test_monailabel.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(FIRST)))
+    items.sort(key=lambda item: (rank.get(os.path.basename(str(item.fspath)), len(FIRST)),
+                                 item.get_closest_marker("slow") is None))
