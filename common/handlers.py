@@ -235,10 +235,9 @@ class TrainingCheckpoint:
         if not os.path.isfile(self.path):
             logger.info("resume: no checkpoint at %s, training starts from epoch 1", self.path)
             return
-        try:
-            state = torch.load(self.path, map_location=self.map_location, weights_only=True)
-        except Exception as err:
-            raise RuntimeError(f"{self.path}: cannot load the training checkpoint to resume from ({err})") from err
+        from common.guards import load_weights
+
+        state = load_weights(self.path, map_location=self.map_location)  # weights only; clear errors
         missing = sorted(set(self.objects) - set(state))
         if missing:
             raise RuntimeError(f"{self.path}: the training checkpoint lacks {missing} (it holds {sorted(state)})")

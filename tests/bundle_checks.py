@@ -23,6 +23,15 @@ def fresh_bundle(name: str, tmp_path) -> str:
     return dst
 
 
+def tiny_acdc(folder) -> str:
+    """A tiny synthetic ACDC set (2 training patients: 16 slices; 1 validation, 1 test) in the
+    MT-UNet layout, for short training runs; returns its ``mtunet`` folder."""
+    from common.data import make_acdc_sample
+
+    root = make_acdc_sample(str(folder), n_train=2, n_valid=1, n_test=1, depth=4)
+    return os.path.join(root, "mtunet")
+
+
 def check_metadata(name: str) -> dict:
     """``verify_metadata`` against the local schema (when shared/ is beside), the required fields; the metadata."""
     meta_file = os.path.join(REPO, name, "configs", "metadata.json")

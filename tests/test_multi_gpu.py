@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from common.bundle_run import REPO, bundle_command, run_workflow
-from common.data import make_acdc_sample
 
 NAME = "msvmunet_acdc"
 TINY = {"image_size": 64, "batch_size": 2, "num_workers": 0, "show_progress": False, "epochs": 2, "val_interval": 1}
@@ -27,8 +26,7 @@ TINY = {"image_size": 64, "batch_size": 2, "num_workers": 0, "show_progress": Fa
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = make_acdc_sample(str(tmp_path_factory.mktemp("acdc")), n_train=2, n_valid=1, n_test=1, depth=4)
-    return os.path.join(root, "mtunet")
+    return bundle_checks.tiny_acdc(tmp_path_factory.mktemp("acdc"))
 
 
 def _torchrun(root: str, data: str, **extra) -> subprocess.CompletedProcess:
