@@ -266,8 +266,8 @@ def test_bad_volume_in_training(name, defect, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def acdc_checkpoint(tmp_path_factory):
-    return write_checkpoint("msvmunet_acdc", str(tmp_path_factory.mktemp("ckpt") / "model.pt"))
+def acdc_checkpoint(module_tmp):
+    return write_checkpoint("msvmunet_acdc", str(module_tmp("ckpt") / "model.pt"))
 
 
 @pytest.mark.parametrize("defect", ["corrupt", "2d", "4d", "channels", "nonfinite"])

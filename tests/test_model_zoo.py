@@ -46,7 +46,7 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(module_tmp):
     """Per bundle: (network at the export size with the bundle's automatic scan, its weights saved as a plain
     state dict like the bundles' models/model.pt). Fresh random weights stand in for trained ones."""
     cache = {}
@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
             parser = export.read_bundle_config(os.path.join(REPO, name), {"image_size": EXPORT_SIZE[name]})
             torch.manual_seed(0)
             net = export.build_network(parser)
-            ckpt = str(tmp_path_factory.mktemp(name) / "model.pt")
+            ckpt = str(module_tmp(name) / "model.pt")
             torch.save(net.state_dict(), ckpt)
             cache[name] = net, ckpt
         return cache[name]

@@ -196,14 +196,14 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(module_tmp):
     py, why = _monailabel_python()
     if py is None:
         pytest.skip("monailabel is not installed: MONAILABEL_PYTHON is unset and neither this Python nor "
                     f".venv-monailabel imports it (create it with `bash monailabel_app/setup_venv.sh`): {why}")
     if not os.path.isfile(py):
         pytest.fail(f"MONAILABEL_PYTHON={py}: no such file")
-    work = str(tmp_path_factory.mktemp("monailabel"))
+    work = str(module_tmp("monailabel"))
     bundles_dir = os.path.join(work, "bundles")
     os.makedirs(bundles_dir)
     for name in BUNDLES:

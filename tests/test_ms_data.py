@@ -30,8 +30,8 @@ from common.metrics import LesionReport, SegmentationReport, lesion_stats
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    return make_ms_sample(str(tmp_path_factory.mktemp("ms")), n_patients=12, size=48, depth=8)
+def sample(module_tmp):
+    return make_ms_sample(str(module_tmp("ms")), n_patients=12, size=48, depth=8)
 
 
 def _save(path, arr, spacing=(1.0, 1.0, 3.0)):

@@ -19,8 +19,8 @@ QUICK = {"image_size": 96, "batch_size": 8, "num_workers": 0, "show_progress": F
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    return make_acdc_sample(str(tmp_path_factory.mktemp("acdc")), n_train=2, n_valid=1, n_test=1, depth=4)
+def sample(module_tmp):
+    return make_acdc_sample(str(module_tmp("acdc")), n_train=2, n_valid=1, n_test=1, depth=4)
 
 
 def fresh_bundle(tmp_path) -> str:

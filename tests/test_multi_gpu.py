@@ -25,8 +25,8 @@ TINY = {"image_size": 64, "batch_size": 2, "num_workers": 0, "show_progress": Fa
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return bundle_checks.tiny_acdc(tmp_path_factory.mktemp("acdc"))
+def data(module_tmp):
+    return bundle_checks.tiny_acdc(module_tmp("acdc"))
 
 
 def _torchrun(root: str, data: str, **extra) -> subprocess.CompletedProcess:

@@ -51,9 +51,9 @@ def one_volume(name: str, tmp) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(module_tmp):
     """The three archives (with freshly initialised weights) served from 127.0.0.1."""
-    tmp = tmp_path_factory.mktemp("dist")
+    tmp = module_tmp("dist")
     dist = tmp / "dist"
     dist.mkdir()
     handler = functools.partial(_QuietHandler, directory=str(dist))
@@ -84,11 +84,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def isolated_python(tmp_path_factory):
+def isolated_python(module_tmp):
     """A fresh virtual environment that sees this environment's site-packages but not this repository
     (the editable install of the repository is a .pth hook, which a path listed in a .pth file does
     not run)."""
-    root = tmp_path_factory.mktemp("venv")
+    root = module_tmp("venv")
     venv.create(root / "venv", with_pip=False)
     python = str(root / "venv" / ("Scripts" if os.name == "nt" else "bin") / "python")
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

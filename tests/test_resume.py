@@ -28,8 +28,8 @@ TINY = {"image_size": 64, "batch_size": 4, "num_workers": 0, "show_progress": Fa
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return bundle_checks.tiny_acdc(tmp_path_factory.mktemp("acdc"))
+def data(module_tmp):
+    return bundle_checks.tiny_acdc(module_tmp("acdc"))
 
 
 def _env() -> dict:
@@ -78,8 +78,8 @@ def _final(root: str) -> tuple[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    root = bundle_checks.fresh_bundle(NAME, tmp_path_factory.mktemp("reference"))
+def reference(data, module_tmp):
+    root = bundle_checks.fresh_bundle(NAME, module_tmp("reference"))
     out = _finish(_start(root, data, resume=True))  # nothing to resume yet: starts from epoch 1
     assert "no checkpoint at" in out and "training starts from epoch 1" in out
     return _final(root)

@@ -14,8 +14,8 @@ from common.data.synapse import BTCV_TO_SYNAPSE, HU_RANGE
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    return make_synapse_sample(str(tmp_path_factory.mktemp("synapse")), n_train=2, n_test=1, size=64, depth=6)
+def sample(module_tmp):
+    return make_synapse_sample(str(module_tmp("synapse")), n_train=2, n_test=1, size=64, depth=6)
 
 
 def test_layouts_and_splits(sample):

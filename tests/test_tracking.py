@@ -29,8 +29,8 @@ TINY = {"image_size": 64, "batch_size": 4, "num_workers": 0, "show_progress": Fa
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return bundle_checks.tiny_acdc(tmp_path_factory.mktemp("acdc"))
+def data(module_tmp):
+    return bundle_checks.tiny_acdc(module_tmp("acdc"))
 
 
 def _free_port() -> int:
@@ -40,12 +40,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(module_tmp):
     """``mlflow server`` with a SQLite backend and proxied artifacts, on a free loopback port."""
     exe = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
     if exe is None:
         pytest.skip("the mlflow command is not installed")
-    folder = tmp_path_factory.mktemp("mlflow_server")
+    folder = module_tmp("mlflow_server")
     port = _free_port()
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
