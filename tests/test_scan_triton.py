@@ -22,11 +22,9 @@ NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     """On CPU: Triton's interpreter, and the module whose kernels it runs (for launch overrides)."""
-    if CUDA:
-        yield st
-        return
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    mod = st if st.INTERPRETED else st._interpreted_twin()
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mod = st if CUDA or st.INTERPRETED else st._interpreted_twin()
     yield mod
     mod.CONFIG_OVERRIDE.clear()
 
@@ -127,6 +125,47 @@ def test_matches_reference(interpreter, batch, dim, length, n, b_form, c_form, d
     else:
         want = outputs_and_grads(selective_scan_ref, inputs, **opts)
     compare(got, want, dtype)
+
+
+# time-in-thread kernels (time-varying B / C, N >= 8): (BLOCK_L, LN, NW, cap) launch configurations,
+# with the channel count and occupancy target that make the backward walk several channel blocks per
+# program with atomics (2 groups; a group's channels > a program's span). The interpreter is slow, so
+# CPU runs three; CUDA runs every configuration benchmarks/gpu/compare_scan.py sweeps.
+TIME_CASES = [((4, 1, 1, 8), 64, 5), ((8, 2, 1, 8), 64, 5), ((16, 16, 1, 8), 16, 4), ((8, 4, 1, 1, 0), 64, 5)]
+if CUDA:
+    TIME_CASES += [((c), 64, 5) for c in [(2, 1, 1, 8), (8, 1, 1, 8), (4, 2, 1, 8), (8, 4, 1, 8), (16, 4, 1, 8),
+                                          (4, 1, 2, 8), (8, 2, 2, 8)]]
+
+
+@pytest.mark.parametrize("config,dim,min_programs", TIME_CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_time_in_thread_configs(interpreter, config, dim, min_programs):
+    interpreter.CONFIG_OVERRIDE.update(time=config, min_programs=min_programs)
+    batch, length, n = 1, 2 * config[0] + 3, 16
+    cfg = interpreter._time_in_thread_config(dim, n, dim // 2, batch, False, torch.device(DEVICE))
+    assert cfg is not None and cfg["BLOCK_L"] == config[0]
+    if config[1] > 1 and config[2] == 1:  # several programs share a group: atomics
+        assert cfg["n_sub"] * cfg["BDP"] < dim // 2
+    inputs = make_inputs(batch, dim, length, n, b_shape=(batch, 2, n, length), c_shape=(batch, 2, n, length))
+    got = outputs_and_grads(triton_scan, inputs, **ALL)
+    want = outputs_and_grads(selective_scan_ref, inputs, **ALL)
+    compare(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("n", [12, 32])
+def test_time_in_thread_padded_and_split_states(interpreter, n):
+    # N = 12 pads to 16 (masked states); N = 32 splits a channel's states over two lanes (LN = 2)
+    inputs = make_inputs(1, 32, 11, n, b_shape=(1, 1, n, 11), c_shape=(1, n, 11))
+    assert interpreter._time_in_thread_config(32, n, 32, 1, False, torch.device(DEVICE)) is not None
+    got = outputs_and_grads(triton_scan, inputs, **dict(ALL, with_z=False))
+    want = outputs_and_grads(selective_scan_ref, inputs, **dict(ALL, with_z=False))
+    compare(got, want, torch.float32)
+
+
+def test_tile_path_is_used_where_time_in_thread_does_not_apply(interpreter):
+    cfg = interpreter._time_in_thread_config
+    assert cfg(64, 1, 64, 2, False, torch.device(DEVICE)) is None  # N = 1: tile kernels
+    assert cfg(64, 16, 64, 2, True, torch.device(DEVICE)) is None  # a fixed B or C
+    assert cfg(6, 16, 6, 2, False, torch.device(DEVICE)) is None  # no 32-channel block fits a group
 
 
 def test_large_delta_stays_finite(interpreter):

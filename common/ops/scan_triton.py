@@ -46,15 +46,18 @@ import triton.language as tl
 
 from .scan_ref import check_scan_inputs
 
-__all__ = ["selective_scan_triton", "SelectiveScanTriton", "pick_config", "CONFIG_OVERRIDE"]
+__all__ = ["selective_scan_triton", "cross_selective_scan_triton", "SelectiveScanTriton", "pick_config",
+           "CONFIG_OVERRIDE", "TIME_IN_THREAD_CONFIG"]
 
 # Were the kernels of this module object built for the interpreter (CPU tensors)?
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TWIN_NAME = "common.ops._scan_triton_interpreted"
 _LOG2E = tl.constexpr(1.4426950408889634)
 
-# Benchmarks may force the launch configuration: {"fwd": (BLOCK_D, BLOCK_L, num_warps), "bwd": (...)}.
-CONFIG_OVERRIDE: dict[str, tuple[int, int, int]] = {}
+# Benchmarks and tests may force the launch configuration: "fwd" / "bwd": the tile kernels' (BLOCK_D,
+# BLOCK_L, num_warps); "time": the time-in-thread kernels' (BLOCK_L, LN, NW, cap); "path": "tile" to
+# use the tile kernels everywhere; "min_programs": the backward's occupancy target (default 5 per SM).
+CONFIG_OVERRIDE: dict[str, object] = {}
 
 
 @triton.jit
@@ -82,20 +85,33 @@ def _softplus(x):
 
 
 @triton.jit
+def _pos(t, k, H, W, L, SPATIAL: tl.constexpr):
+    # Where step t of scan direction k lies in a row-major (H, W) map (the fused cross-scan): k = 0
+    # row-major, 1 column-major, 2 and 3 the same reversed (common.ops.cross_scan's order). Unfused: t.
+    if SPATIAL:
+        tt = tl.where(k >= 2, L - 1 - t, t)
+        return tl.where(k % 2 == 1, (tt % H) * W + tt // H, tt)
+    else:
+        return t
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, states_ptr,
-    dim, L, n_state, n_chunks,
+    dim, L, n_state, n_chunks, u_dim, H, W,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, SAVE_STATES: tl.constexpr, FP64: tl.constexpr,
+    SPATIAL: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = pid_d * BLOCK_D
+    k = d0 // u_dim  # the scan direction (fused); 0 otherwise
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
@@ -119,14 +135,16 @@ def _fwd_kernel(
         c_base = C_ptr + pid_b * sc_batch + (d0 // dpg_c) * sc_group + offs_n[:, None] * sc_n
 
     row = (pid_b * dim + offs_d).to(tl.int64) * L  # (BLOCK_D,) offsets of the channels' rows
+    urow = (pid_b * u_dim + offs_d % u_dim).to(tl.int64) * L
     st_base = states_ptr + ((pid_b * dim + offs_d).to(tl.int64) * n_chunks)[:, None] * n_state + offs_n[None, :]
     h = tl.full((BLOCK_D, BLOCK_N), 0.0, dtype=CDT)
     for c in range(0, n_chunks):
         t = c * BLOCK_L + offs_l
         mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
-        ptrs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+        p = _pos(t, k, H, W, L, SPATIAL)
+        ptrs = row[:, None] + p[None, :]
+        u = tl.load(u_ptr + urow[:, None] + p[None, :], mask=m2, other=0.0).to(CDT)
         dt = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(CDT)
         if HAS_BIAS:
             dt = dt + bias[:, None]
@@ -141,14 +159,14 @@ def _fwd_kernel(
         if B_FIXED:
             b = dtu[:, None, :] * Bf[:, :, None]
         else:
-            Bt = tl.load(b_base + t[None, :], mask=mnt, other=0.0).to(CDT)
+            Bt = tl.load(b_base + p[None, :], mask=mnt, other=0.0).to(CDT)
             b = dtu[:, None, :] * Bt[None, :, :]
         acum, hs = tl.associative_scan((a, b), axis=2, combine_fn=_combine)
         hh = hs + acum * h[:, :, None]
         if C_FIXED:
             y = _sum(hh * Cf[:, :, None], 1)
         else:
-            Ct = tl.load(c_base + t[None, :], mask=mnt, other=0.0).to(CDT)
+            Ct = tl.load(c_base + p[None, :], mask=mnt, other=0.0).to(CDT)
             y = _sum(hh * Ct[None, :, :], 1)
         h = _sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hh, 0.0), 2)
         if HAS_D:
@@ -166,18 +184,19 @@ def _bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     states_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    dim, L, n_state, n_chunks,
+    dim, L, n_state, n_chunks, u_dim, H, W,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_DLAST: tl.constexpr, FP64: tl.constexpr,
-    B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
+    B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr, SPATIAL: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = pid_d * BLOCK_D
+    k = d0 // u_dim
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
@@ -204,6 +223,7 @@ def _bwd_kernel(
         c_off = pid_b * sc_batch + gc * sc_group + offs_n[:, None] * sc_n
 
     row = (pid_b * dim + offs_d).to(tl.int64) * L
+    urow = (pid_b * u_dim + offs_d % u_dim).to(tl.int64) * L
     st_base = states_ptr + ((pid_b * dim + offs_d).to(tl.int64) * n_chunks)[:, None] * n_state + offs_n[None, :]
     if HAS_DLAST:
         q_carry = tl.load(dlast_ptr + dn_ptrs, mask=mask_dn, other=0.0).to(CDT)
@@ -220,12 +240,15 @@ def _bwd_kernel(
         mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
         mnt = mask_n[:, None] & mask_t[None, :]
-        ptrs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + ptrs, mask=m2, other=0.0).to(CDT)
+        p = _pos(t, k, H, W, L, SPATIAL)
+        p_next = _pos(t + 1, k, H, W, L, SPATIAL)
+        p_prev = _pos(t - 1, k, H, W, L, SPATIAL)
+        ptrs = row[:, None] + p[None, :]
+        u = tl.load(u_ptr + urow[:, None] + p[None, :], mask=m2, other=0.0).to(CDT)
         dt_raw = tl.load(dt_ptr + ptrs, mask=m2, other=0.0).to(CDT)
         # the decay of the next step, a[t+1] (delta re-read one step ahead: the same cache lines)
         m2n = mask_d[:, None] & (t[None, :] + 1 < L)
-        dt_next = tl.load(dt_ptr + ptrs + 1, mask=m2n, other=0.0).to(CDT)
+        dt_next = tl.load(dt_ptr + row[:, None] + p_next[None, :], mask=m2n, other=0.0).to(CDT)
         if HAS_BIAS:
             dt_raw = dt_raw + bias[:, None]
             dt_next = dt_next + bias[:, None]
@@ -246,8 +269,8 @@ def _bwd_kernel(
         a = tl.exp2(dt[:, None, :] * A2[:, :, None])
         dtu = dt * u
         m2p = m2 & (offs_l[None, :] > 0)
-        dt_prev = tl.load(dt_ptr + ptrs - 1, mask=m2p, other=0.0).to(CDT)
-        u_prev = tl.load(u_ptr + ptrs - 1, mask=m2p, other=0.0).to(CDT)
+        dt_prev = tl.load(dt_ptr + row[:, None] + p_prev[None, :], mask=m2p, other=0.0).to(CDT)
+        u_prev = tl.load(u_ptr + urow[:, None] + p_prev[None, :], mask=m2p, other=0.0).to(CDT)
         if HAS_BIAS:
             dt_prev = dt_prev + bias[:, None]
         if SOFTPLUS:
@@ -258,15 +281,15 @@ def _bwd_kernel(
             Bv = Bf[:, :, None]
             Bv_prev = Bv
         else:
-            Bt = tl.load(B_ptr + b_off + t[None, :], mask=mnt, other=0.0).to(CDT)
+            Bt = tl.load(B_ptr + b_off + p[None, :], mask=mnt, other=0.0).to(CDT)
             Bv = Bt[None, :, :]
             mntp = mnt & (offs_l[None, :] > 0)
-            Bt_prev = tl.load(B_ptr + b_off + t[None, :] - 1, mask=mntp, other=0.0).to(CDT)
+            Bt_prev = tl.load(B_ptr + b_off + p_prev[None, :], mask=mntp, other=0.0).to(CDT)
             Bv_prev = Bt_prev[None, :, :]
         if C_FIXED:
             Cv = Cf[:, :, None]
         else:
-            Ct = tl.load(C_ptr + c_off + t[None, :], mask=mnt, other=0.0).to(CDT)
+            Ct = tl.load(C_ptr + c_off + p[None, :], mask=mnt, other=0.0).to(CDT)
             Cv = Ct[None, :, :]
         b = dtu[:, None, :] * Bv
         a_prev = tl.exp2(dt_prev[:, None, :] * A2[:, :, None])
@@ -300,9 +323,9 @@ def _bwd_kernel(
         else:
             dC_t = _sum(dyh, 0)
             if C_ATOMIC:
-                tl.atomic_add(dC_ptr + c_off + t[None, :], dC_t, mask=mnt)
+                tl.atomic_add(dC_ptr + c_off + p[None, :], dC_t, mask=mnt)
             else:
-                tl.store(dC_ptr + c_off + t[None, :], dC_t, mask=mnt)
+                tl.store(dC_ptr + c_off + p[None, :], dC_t, mask=mnt)
 
         # adjoint states, reverse scan: q[t] = C[t] dy[t] + a[t+1] q[t+1]
         a_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
@@ -318,9 +341,9 @@ def _bwd_kernel(
         else:
             dB_t = _sum(qdtu, 0)
             if B_ATOMIC:
-                tl.atomic_add(dB_ptr + b_off + t[None, :], dB_t, mask=mnt)
+                tl.atomic_add(dB_ptr + b_off + p[None, :], dB_t, mask=mnt)
             else:
-                tl.store(dB_ptr + b_off + t[None, :], dB_t, mask=mnt)
+                tl.store(dB_ptr + b_off + p[None, :], dB_t, mask=mnt)
         sB = _sum(q * Bv, 1)
         du = du + sB * dt
         # a = exp(dt * A): d loss / d(dt * A) = q[t] * a[t] * h[t-1]
@@ -345,6 +368,299 @@ def _bwd_kernel(
         tl.store(dD_ptr + bd_ptrs, dD_acc, mask=mask_d)
     if HAS_BIAS:
         tl.store(dbias_ptr + bd_ptrs, dbias_acc, mask=mask_d)
+
+
+@triton.jit
+def _sum_keep(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add, keep_dims=True)
+
+
+@triton.jit
+def _sum_n5(x):
+    # over the state axis of a 5-D tile: the in-thread part (n_hi) first, then across the lanes (n_lo)
+    return _sum_keep(_sum_keep(x, 1), 3)
+
+
+@triton.jit
+def _sum_d5(x):
+    # over the channel axes of a 5-D tile: the lanes (channel_lo), then the warps
+    return _sum_keep(_sum_keep(x, 4), 2)
+
+
+@triton.jit
+def _fwd_kernel_t(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, last_ptr, states_ptr, dts_ptr,
+    dim, L, n_state, n_chunks, u_dim, H, W,
+    sb_batch, sb_group, sb_n, dpg_b,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_STATES: tl.constexpr, FP64: tl.constexpr, SPATIAL: tl.constexpr,
+    BLOCK_L: tl.constexpr, BNR: tl.constexpr, LN: tl.constexpr, NW: tl.constexpr, BD8: tl.constexpr,
+):
+    # "time in thread" forward for time-varying B and C and N >= 8. Tiles are 5-D,
+    # (time, n_hi, warp, n_lo, channel_lo) with n = n_hi * LN + n_lo and channel = d0 + warp * BD8 +
+    # channel_lo: Triton's default layout puts the lanes on (n_lo, channel_lo) and the warps on `warp`,
+    # so each thread holds all BLOCK_L steps of its BNR states of one channel and the time scan runs
+    # inside the thread, without shuffles (LN = 1: all states of a channel in one thread, and y = C h
+    # summed in registers too). A program's channels lie inside one B group, one C group and, fused,
+    # one scan direction. With a backward to come, the step sizes dt (after bias and softplus) are
+    # stored for it in scan order.
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * (NW * BD8)
+    k = d0 // u_dim  # the scan direction (fused); 0 otherwise
+    ol = tl.arange(0, BLOCK_L)[:, None, None, None, None]
+    n = tl.arange(0, BNR)[None, :, None, None, None] * LN + tl.arange(0, LN)[None, None, None, :, None]
+    d = d0 + tl.arange(0, NW)[None, None, :, None, None] * BD8 + tl.arange(0, BD8)[None, None, None, None, :]
+    mask_d = d < dim
+    mask_n = n < n_state
+    mask_dn = mask_d & mask_n
+    A2 = tl.load(A_ptr + d * n_state + n, mask=mask_dn, other=0.0).to(CDT) * _LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(CDT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(CDT)
+    b_base = B_ptr + pid_b * sb_batch + (d0 // dpg_b) * sb_group + n * sb_n
+    c_base = C_ptr + pid_b * sc_batch + (d0 // dpg_c) * sc_group + n * sc_n
+    row = (pid_b * dim + d).to(tl.int64) * L
+    urow = (pid_b * u_dim + d % u_dim).to(tl.int64) * L
+    h = tl.full((1, BNR, NW, LN, BD8), 0.0, dtype=CDT)
+    for c in range(0, n_chunks):
+        t = c * BLOCK_L + ol
+        mask_t = t < L
+        m2 = mask_d & mask_t
+        p = _pos(t, k, H, W, L, SPATIAL)
+        u = tl.load(u_ptr + urow + p, mask=m2, other=0.0).to(CDT)
+        dt = tl.load(dt_ptr + row + p, mask=m2, other=0.0).to(CDT)
+        if HAS_BIAS:
+            dt = dt + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m2, dt, 0.0)
+        if SAVE_STATES:  # (batch, chunk, dim, N): the state entering the chunk; dt in scan order
+            tl.store(states_ptr + (pid_b * n_chunks + c) * dim * n_state + d * n_state + n, h, mask=mask_dn)
+            tl.store(dts_ptr + row + t, dt, mask=m2)
+        a = tl.exp2(dt * A2)
+        mnt = mask_n & mask_t
+        b = dt * u * tl.load(b_base + p, mask=mnt, other=0.0).to(CDT)
+        b = tl.where(ol == 0, b + a * h, b)  # the state carried in enters at the chunk's first step
+        _, hh = tl.associative_scan((a, b), axis=0, combine_fn=_combine)
+        y = _sum_n5(hh * tl.load(c_base + p, mask=mnt, other=0.0).to(CDT))
+        h = _sum_keep(tl.where(ol == BLOCK_L - 1, hh, 0.0), 0)
+        if HAS_D:
+            y = y + u * Dv
+        if HAS_Z:
+            zv = tl.load(z_ptr + row + p, mask=m2, other=0.0).to(CDT)
+            y = y * zv / (1.0 + tl.exp(-zv))
+        tl.store(out_ptr + row + p, y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + (pid_b * dim + d).to(tl.int64) * n_state + n, h, mask=mask_dn)
+
+
+@triton.jit
+def _shift_combine(p1, c1, n1, p2, c2, n2):
+    # segments as (the value before the last, the last value, length): scanned, every step gets its
+    # predecessor (reverse=True: its successor), the exact one-step shift of a time axis held in-thread
+    return tl.where(n2 == 1, c1, p2), c2, n1 + n2
+
+
+@triton.jit
+def _shift(x, fill, axis: tl.constexpr, REVERSE: tl.constexpr, FIRST):
+    # x[t - 1] (REVERSE: x[t + 1]) along `axis`; `fill` enters at the chunk's first (last) step, FIRST
+    # marks that step
+    ones = tl.full(x.shape, 1, tl.int32)
+    prev, _, _ = tl.associative_scan((tl.where(FIRST, fill, 0.0), x, ones), axis=axis,
+                                     combine_fn=_shift_combine, reverse=REVERSE)
+    return prev
+
+
+@triton.jit
+def _bwd_kernel_t(
+    u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+    states_ptr, dts_ptr, dout_ptr, q_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    dim, L, n_state, n_chunks, n_sub, u_dim, H, W,
+    sb_batch, sb_group, sb_n, dpg_b,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr, SPATIAL: tl.constexpr,
+    SINGLE: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BNR: tl.constexpr, LN: tl.constexpr, NW: tl.constexpr, BD8: tl.constexpr,
+):
+    # "time in thread" backward (5-D tiles as in _fwd_kernel_t). A program owns n_sub blocks of
+    # NW * BD8 channels, all inside one B group, one C group and one scan direction, and walks the
+    # chunks in reverse; for each chunk it visits its channel blocks in turn, so B[t] and C[t] are
+    # loaded once per chunk and the time-varying dB / dC, sums over the channels, are accumulated
+    # elementwise over the blocks in registers and reduced across lanes and warps once per chunk: one
+    # store (or one atomic per program when several programs share a group). What a channel block
+    # carries from chunk to chunk (the adjoint state q, and the sums dA, dD, d delta_bias) lives in
+    # registers when the program owns one block (SINGLE), else in per-(batch, channel) buffers that
+    # only this program touches; q_ptr arrives holding the gradient of last_state (or zeros). The step
+    # sizes dt come from the forward (dts_ptr, after bias and softplus, scan order): the softplus
+    # derivative is sigmoid(x) = 1 - exp(-softplus(x)).
+    #
+    # The chunk's states are recomputed from the stored entering state h0 exactly as the forward
+    # computed them. The gradient of A needs a[t] h[t - 1] (as h[t] - b[t] it cancels when the decay
+    # is small and b large), the adjoint recurrence q[t] = C[t] dy[t] + a[t + 1] q[t + 1] the next
+    # step's decay. SHIFT: both shifted tiles come from the in-thread shift scan (_shift), so each
+    # decay is computed once (one exp per state and step); otherwise from re-reading dt, u and B one
+    # step back and ahead and two more exps.
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    BDP: tl.constexpr = NW * BD8
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    p0 = pid * n_sub * BDP
+    k = p0 // u_dim
+    ol = tl.arange(0, BLOCK_L)[:, None, None, None, None]
+    n = tl.arange(0, BNR)[None, :, None, None, None] * LN + tl.arange(0, LN)[None, None, None, :, None]
+    dl = tl.arange(0, NW)[None, None, :, None, None] * BD8 + tl.arange(0, BD8)[None, None, None, None, :]
+    mask_n = n < n_state
+    b_off = pid_b * sb_batch + (p0 // dpg_b) * sb_group + n * sb_n
+    c_off = pid_b * sc_batch + (p0 // dpg_c) * sc_group + n * sc_n
+    first = ol == 0
+    last = ol == BLOCK_L - 1
+    # register carries (SINGLE): the program's one channel block
+    d1 = p0 + dl
+    q_reg = tl.load(q_ptr + (pid_b * dim + d1).to(tl.int64) * n_state + n, mask=(d1 < dim) & mask_n, other=0.0)
+    dA_reg = tl.full((1, BNR, NW, LN, BD8), 0.0, dtype=CDT)
+    dD_reg = tl.full((1, 1, NW, 1, BD8), 0.0, dtype=CDT)
+    db_reg = tl.full((1, 1, NW, 1, BD8), 0.0, dtype=CDT)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t = c * BLOCK_L + ol
+        mask_t = t < L
+        mnt = mask_n & mask_t
+        p = _pos(t, k, H, W, L, SPATIAL)
+        Bv = tl.load(B_ptr + b_off + p, mask=mnt, other=0.0).to(CDT)
+        if not SHIFT:
+            p_prev = _pos(t - 1, k, H, W, L, SPATIAL)
+            Bp = tl.load(B_ptr + b_off + p_prev, mask=mnt & (ol > 0), other=0.0).to(CDT)  # B[t - 1]
+        Cv = tl.load(C_ptr + c_off + p, mask=mnt, other=0.0).to(CDT)
+        accB = tl.full((BLOCK_L, BNR, NW, LN, BD8), 0.0, dtype=CDT)
+        accC = tl.full((BLOCK_L, BNR, NW, LN, BD8), 0.0, dtype=CDT)
+        if not SINGLE:
+            # the carried per-channel sums were written last chunk by other threads than read them
+            tl.debug_barrier()
+        for j in range(0, n_sub):
+            d = p0 + j * BDP + dl
+            mask_d = d < dim
+            mask_dn = mask_d & mask_n
+            m2 = mask_d & mask_t
+            row = (pid_b * dim + d).to(tl.int64) * L
+            urow = (pid_b * u_dim + d % u_dim).to(tl.int64) * L
+            bdn = (pid_b * dim + d).to(tl.int64) * n_state + n
+            bd = pid_b * dim + d
+            # every load of the iteration first, so that their latencies overlap
+            A = tl.load(A_ptr + d * n_state + n, mask=mask_dn, other=0.0).to(CDT)
+            u = tl.load(u_ptr + urow + p, mask=m2, other=0.0).to(CDT)
+            dt = tl.load(dts_ptr + row + t, mask=m2, other=0.0)
+            dout = tl.load(dout_ptr + row + p, mask=m2, other=0.0).to(CDT)
+            h0 = tl.load(states_ptr + (pid_b * n_chunks + c) * dim * n_state + d * n_state + n,
+                         mask=mask_dn, other=0.0)
+            if SHIFT:
+                t_next = (c + 1) * BLOCK_L + ol * 0  # the next chunk's first step, at the last row
+                dt_b = tl.load(dts_ptr + row + t_next, mask=mask_d & (t_next < L) & last, other=0.0)
+            else:
+                m2p = m2 & (ol > 0)
+                dt_prev = tl.load(dts_ptr + row + t - 1, mask=m2p, other=0.0)
+                u_prev = tl.load(u_ptr + urow + p_prev, mask=m2p, other=0.0).to(CDT)
+                dt_next = tl.load(dts_ptr + row + t + 1, mask=m2 & (t + 1 < L), other=0.0)
+            if not SINGLE:
+                q_in = tl.load(q_ptr + bdn, mask=mask_dn, other=0.0)
+            if HAS_D:
+                Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(CDT)
+            if HAS_Z:
+                zv = tl.load(z_ptr + row + p, mask=m2, other=0.0).to(CDT)
+            A2 = A * _LOG2E
+            a = tl.exp2(dt * A2)
+            dtu = dt * u
+            b = dtu * Bv
+            if SHIFT:
+                _, hh = tl.associative_scan((a, tl.where(first, b + a * h0, b)), axis=0, combine_fn=_combine)
+                ah = a * _shift(hh, h0, 0, False, first)  # a[t] h[t - 1]
+                # a[t + 1]: in-chunk by the shift; at the last step the next chunk's first decay (1 past L)
+                a_next = _shift(a, tl.exp2(_sum_keep(dt_b, 0) * A2), 0, True, last)
+            else:
+                b_prev = tl.where(first, h0, dt_prev * u_prev * Bp)
+                _, h_prev = tl.associative_scan((tl.exp2(dt_prev * A2), b_prev), axis=0, combine_fn=_combine)
+                ah = a * h_prev
+                hh = ah + b
+                a_next = tl.exp2(dt_next * A2)
+
+            if HAS_Z:
+                y = _sum_n5(hh * Cv)
+                if HAS_D:
+                    y = y + u * Dv
+                sig = 1.0 / (1.0 + tl.exp(-zv))
+                dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
+                tl.store(dz_ptr + row + p, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                dy = dout * zv * sig
+            else:
+                dy = dout
+            if HAS_D:
+                du = dy * Dv
+                if SINGLE:
+                    dD_reg += _sum_keep(dy * u, 0)
+                else:
+                    tl.store(dD_ptr + bd, tl.load(dD_ptr + bd, mask=mask_d, other=0.0) + _sum_keep(dy * u, 0),
+                             mask=mask_d)
+            else:
+                du = tl.full((BLOCK_L, 1, NW, 1, BD8), 0.0, dtype=CDT)
+            accC += dy * hh
+
+            # adjoint states, reverse scan: q[t] = C[t] dy[t] + a[t+1] q[t+1]
+            if SINGLE:
+                q_in = q_reg
+            rhs = dy * Cv
+            rhs = tl.where(last, rhs + a_next * q_in, rhs)
+            _, q = tl.associative_scan((a_next, rhs), axis=0, combine_fn=_combine, reverse=True)
+            q_out = _sum_keep(tl.where(first, q, 0.0), 0)
+            if SINGLE:
+                q_reg = q_out
+            else:
+                tl.store(q_ptr + bdn, q_out, mask=mask_dn)
+            accB += q * dtu
+
+            sB = _sum_n5(q * Bv)
+            x = q * ah  # d loss / d(dt * A)
+            ddt = sB * u + _sum_n5(x * A)
+            du = du + sB * dt
+            if SINGLE:
+                dA_reg += _sum_keep(x * dt, 0)
+            else:
+                tl.store(dA_ptr + bdn, tl.load(dA_ptr + bdn, mask=mask_dn, other=0.0) + _sum_keep(x * dt, 0),
+                         mask=mask_dn)
+            if SOFTPLUS:  # sigmoid(x) = 1 - exp(-softplus(x)); a series where that cancels
+                ddt = ddt * tl.where(dt < 0.01, dt * (1.0 - dt * (0.5 - dt / 6.0)), 1.0 - tl.exp(-dt))
+            ddt = tl.where(m2, ddt, 0.0)
+            if HAS_BIAS:
+                if SINGLE:
+                    db_reg += _sum_keep(ddt, 0)
+                else:
+                    tl.store(dbias_ptr + bd, tl.load(dbias_ptr + bd, mask=mask_d, other=0.0) + _sum_keep(ddt, 0),
+                             mask=mask_d)
+            tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddt_ptr + row + p, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+
+        dB_t = _sum_d5(accB)
+        dC_t = _sum_d5(accC)
+        if B_ATOMIC:
+            tl.atomic_add(dB_ptr + b_off + p, dB_t, mask=mnt)
+        else:
+            tl.store(dB_ptr + b_off + p, dB_t, mask=mnt)
+        if C_ATOMIC:
+            tl.atomic_add(dC_ptr + c_off + p, dC_t, mask=mnt)
+        else:
+            tl.store(dC_ptr + c_off + p, dC_t, mask=mnt)
+    if SINGLE:
+        m1 = d1 < dim
+        bdn1 = (pid_b * dim + d1).to(tl.int64) * n_state + n
+        tl.store(dA_ptr + bdn1, dA_reg, mask=m1 & mask_n)
+        if HAS_D:
+            tl.store(dD_ptr + pid_b * dim + d1, dD_reg, mask=m1)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + pid_b * dim + d1, db_reg, mask=m1)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -393,10 +709,62 @@ def _group_dims(dim: int, *dpgs: int) -> int:
     return g
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# (BLOCK_L, LN, NW, max channel blocks per backward program) of the time-in-thread kernels, by the
+# padded state count; LN lanes share a channel's states, so a thread holds BLOCK_L x (N / LN) values
+# of each tile. Chosen by the sweep in benchmarks/gpu/check_triton_scan.py --tsweep (benchmarks/README.md).
+TIME_IN_THREAD_CONFIG = {8: (8, 1, 1, 8), 16: (4, 1, 1, 8), 32: (4, 2, 1, 8), 64: (4, 4, 1, 8)}
+
+
+def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
+    """Launch parameters of the time-in-thread kernels, or None where they do not apply.
+
+    They apply to time-varying B and C with N >= 8 (the N = 16 SS2D scans) when a block of
+    ``NW * 32 / LN`` channels fits a group. Returns dict(BLOCK_L, LN, NW, n_sub, BDP) where
+    ``n_sub`` is how many channel blocks one backward program walks: the most, up to the cap, that
+    keeps at least five one-warp programs per multiprocessor (fewer programs then share each dB / dC
+    element's atomics, but the sequential work per program grows).
+    """
+    bn = triton.next_power_of_2(n_state)
+    if any_fixed or bn < 8 or bn > 64 or CONFIG_OVERRIDE.get("path") == "tile":
+        return None
+    bl, ln, nw, cap, *rest = CONFIG_OVERRIDE.get("time", TIME_IN_THREAD_CONFIG[bn])
+    shift = bool(rest[0]) if rest else True
+    ln = min(ln, bn)
+    bdp = nw * (32 // ln)
+    if gdims % bdp:
+        bdp_small = 32 // ln  # one warp
+        if gdims % bdp_small:
+            return None
+        nw, bdp = 1, bdp_small
+    blocks = gdims // bdp  # channel blocks per group
+    target = CONFIG_OVERRIDE.get("min_programs", 5 * _sm_count(device))
+    n_sub = 1
+    for k in range(1, min(cap, blocks) + 1):
+        if blocks % k == 0 and (dim // (k * bdp)) * batch >= target:
+            n_sub = k
+    return dict(BLOCK_L=bl, LN=ln, NW=nw, n_sub=n_sub, BDP=bdp, SHIFT=shift)
+
+
 class SelectiveScanTriton(torch.autograd.Function):
+    """Autograd function of both kernel families; ``spatial=(H, W)`` is the fused cross-scan mode.
+
+    Fused, ``u`` is the ``(batch, d, H * W)`` map in row-major order and every other per-step input
+    (``delta``, ``z``, ``B``, ``C``) and the output hold the four directions' values at the map's
+    positions (``(batch, 4 * d, H * W)``; groups ``(batch, 4 * g, N, H * W)``): the kernels read and
+    write position ``_pos(t, k)`` at step ``t`` of direction ``k``. ``du`` is summed over the
+    directions.
+    """
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        batch, dim, length = u.shape
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, spatial=None):
+        batch, dim, length = delta.shape
+        u_dim = u.shape[1]
         n_state = A.shape[1]
         fp64 = u.dtype == torch.float64
         cdt = torch.float64 if fp64 else torch.float32
@@ -405,30 +773,48 @@ class SelectiveScanTriton(torch.autograd.Function):
         z = z.contiguous() if z is not None else None
         Bc, b_fixed, sbb, sbg, sbn, dpg_b = _bc_layout(B, dim)
         Cc, c_fixed, scb, scg, scn, dpg_c = _bc_layout(C, dim)
-        gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]))
-        bd, bl, nw = pick_config("fwd", dim, length, n_state, gdims)
-        n_chunks = triton.cdiv(length, bl)
+        gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]), u_dim)
+        height, width = spatial if spatial is not None else (1, length)
+        geometry = (u_dim, height, width)
+        strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
         save = any(ctx.needs_input_grad[:8])
-        out = torch.empty_like(u)
-        last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
-        states = torch.empty(batch, dim, n_chunks, n_state, dtype=cdt, device=u.device) if save else last
+        tcfg = _time_in_thread_config(dim, n_state, gdims, batch, b_fixed or c_fixed, u.device)
+        bn = triton.next_power_of_2(n_state)
+        opts = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                    SOFTPLUS=bool(delta_softplus), SAVE_STATES=save, FP64=fp64, SPATIAL=spatial is not None)
         dummy = u
-        grid = (triton.cdiv(dim, bd), batch)
-        _fwd_kernel[grid](
-            u, delta, A, Bc, Cc,
-            D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy,
-            out, last, states,
-            dim, length, n_state, n_chunks,
-            sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), B_FIXED=b_fixed, C_FIXED=c_fixed, SAVE_STATES=save, FP64=fp64,
-            BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n_state), BLOCK_L=bl, num_warps=nw,
-        )
+        optional = (D if D is not None else dummy, z if z is not None else dummy,
+                    delta_bias if delta_bias is not None else dummy)
+        out = torch.empty_like(delta, dtype=u.dtype)
+        last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
+        if tcfg is not None:
+            bl, ln, nw = tcfg["BLOCK_L"], tcfg["LN"], tcfg["NW"]
+            n_chunks = triton.cdiv(length, bl)
+            states = torch.empty(batch, n_chunks, dim, n_state, dtype=cdt, device=u.device) if save else last
+            dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
+            _fwd_kernel_t[(dim // tcfg["BDP"], batch)](
+                u, delta, A, Bc, Cc, *optional, out, last, states, dts,
+                dim, length, n_state, n_chunks, *geometry, *strides, **opts,
+                BLOCK_L=bl, BNR=bn // ln, LN=ln, NW=nw, BD8=32 // ln, num_warps=nw,
+            )
+            saved = (states, dts)
+        else:
+            bd, bl, nw = pick_config("fwd", dim, length, n_state, gdims)
+            n_chunks = triton.cdiv(length, bl)
+            states = torch.empty(batch, dim, n_chunks, n_state, dtype=cdt, device=u.device) if save else last
+            _fwd_kernel[(triton.cdiv(dim, bd), batch)](
+                u, delta, A, Bc, Cc, *optional, out, last, states,
+                dim, length, n_state, n_chunks, *geometry, *strides, **opts, B_FIXED=b_fixed, C_FIXED=c_fixed,
+                BLOCK_D=bd, BLOCK_N=bn, BLOCK_L=bl, num_warps=nw,
+            )
+            saved = (states,)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *saved)
             ctx.delta_softplus = bool(delta_softplus)
             ctx.fwd_chunk = bl
+            ctx.tcfg = tcfg
+            ctx.geometry = geometry
+            ctx.spatial = spatial is not None
         if not return_last_state:
             ctx.mark_non_differentiable(last)
         ctx.set_materialize_grads(False)
@@ -436,53 +822,78 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        batch, dim, length = u.shape
+        u, delta, A, B, C, D, z, delta_bias, *saved = ctx.saved_tensors
+        batch, dim, length = delta.shape
         n_state = A.shape[1]
+        bn = triton.next_power_of_2(n_state)
         fp64 = u.dtype == torch.float64
         cdt = torch.float64 if fp64 else torch.float32
         dev = u.device
         Bc, b_fixed, sbb, sbg, sbn, dpg_b = _bc_layout(B, dim)
         Cc, c_fixed, scb, scg, scn, dpg_c = _bc_layout(C, dim)
-        gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]))
-        # the backward walks the forward's chunks (their entering states are stored)
-        bd, _, nw = pick_config("bwd", dim, length, n_state, gdims)
-        bl = ctx.fwd_chunk
+        strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
+        bl = ctx.fwd_chunk  # the backward walks the forward's chunks (their entering states are stored)
         n_chunks = triton.cdiv(length, bl)
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-        du = torch.empty_like(u)
+        dout = torch.zeros_like(delta, dtype=u.dtype) if dout is None else dout.contiguous()
+        du = torch.empty_like(delta, dtype=u.dtype)  # per direction when fused, summed below
         ddelta = torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
-        dA_part = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
-        b_atomic = not b_fixed and dpg_b > bd
-        c_atomic = not c_fixed and dpg_c > bd
-
-        def grad_buffer(x, fixed, atomic):  # fixed (dim, N): per-batch partials, summed below
-            if fixed:
-                return torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
-            return (torch.zeros if atomic else torch.empty)(x.shape, dtype=cdt, device=dev)
-
-        dB, dC = grad_buffer(Bc, b_fixed, b_atomic), grad_buffer(Cc, c_fixed, c_atomic)
-        dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
-        dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
         dummy = u
-        grid = (triton.cdiv(dim, bd), batch)
-        _bwd_kernel[grid](
-            u, delta, A, Bc, Cc,
-            D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy,
-            states, dout, dlast.contiguous() if dlast is not None else dummy,
-            du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
-            dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-            dim, length, n_state, n_chunks,
-            sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, B_FIXED=b_fixed, C_FIXED=c_fixed, HAS_DLAST=dlast is not None,
-            FP64=fp64, B_ATOMIC=b_atomic, C_ATOMIC=c_atomic,
-            BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n_state), BLOCK_L=bl, num_warps=nw,
-        )
-        dB = dB.sum(0) if b_fixed else dB
-        dC = dC.sum(0) if c_fixed else dC
+        opts = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                    SOFTPLUS=ctx.delta_softplus, FP64=fp64, SPATIAL=ctx.spatial)
+        tcfg = ctx.tcfg
+        if tcfg is not None:
+            states, dts = saved
+            ln, nw, n_sub = tcfg["LN"], tcfg["NW"], tcfg["n_sub"]
+            span = n_sub * tcfg["BDP"]  # channels per program
+            q = (dlast.to(cdt).contiguous().clone() if dlast is not None
+                 else torch.zeros(batch, dim, n_state, dtype=cdt, device=dev))
+            dA_part = torch.zeros(batch, dim, n_state, dtype=cdt, device=dev)
+            b_atomic, c_atomic = dpg_b > span, dpg_c > span
+            dB = (torch.zeros if b_atomic else torch.empty)(Bc.shape, dtype=cdt, device=dev)
+            dC = (torch.zeros if c_atomic else torch.empty)(Cc.shape, dtype=cdt, device=dev)
+            dD_part = torch.zeros(batch, dim, dtype=cdt, device=dev) if D is not None else None
+            dbias_part = torch.zeros(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
+            _bwd_kernel_t[(dim // span, batch)](
+                u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy,
+                states, dts, dout, q,
+                du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
+                dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+                dim, length, n_state, n_chunks, n_sub, *ctx.geometry, *strides, **opts,
+                B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, SINGLE=n_sub == 1, SHIFT=tcfg["SHIFT"],
+                BLOCK_L=bl, BNR=bn // ln, LN=ln, NW=nw, BD8=32 // ln, num_warps=nw,
+            )
+        else:
+            (states,) = saved
+            gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]), u.shape[1])
+            bd, _, nw = pick_config("bwd", dim, length, n_state, gdims)
+            dA_part = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+            b_atomic = not b_fixed and dpg_b > bd
+            c_atomic = not c_fixed and dpg_c > bd
+
+            def grad_buffer(x, fixed, atomic):  # fixed (dim, N): per-batch partials, summed below
+                if fixed:
+                    return torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+                return (torch.zeros if atomic else torch.empty)(x.shape, dtype=cdt, device=dev)
+
+            dB, dC = grad_buffer(Bc, b_fixed, b_atomic), grad_buffer(Cc, c_fixed, c_atomic)
+            dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
+            dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
+            _bwd_kernel[(triton.cdiv(dim, bd), batch)](
+                u, delta, A, Bc, Cc,
+                D if D is not None else dummy, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy,
+                states, dout, dlast.contiguous() if dlast is not None else dummy,
+                du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
+                dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+                dim, length, n_state, n_chunks, *ctx.geometry, *strides, **opts,
+                B_FIXED=b_fixed, C_FIXED=c_fixed, HAS_DLAST=dlast is not None, B_ATOMIC=b_atomic, C_ATOMIC=c_atomic,
+                BLOCK_D=bd, BLOCK_N=bn, BLOCK_L=bl, num_warps=nw,
+            )
+            dB = dB.sum(0) if b_fixed else dB
+            dC = dC.sum(0) if c_fixed else dC
+        if ctx.spatial:  # the four directions read the same map
+            du = du.view(batch, dim // u.shape[1], u.shape[1], length).sum(1)
         return (
             du,
             ddelta,
@@ -492,6 +903,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             dD_part.sum(0).to(D.dtype) if D is not None else None,
             dz,
             dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            None,
             None,
             None,
         )
@@ -549,3 +961,34 @@ def selective_scan_triton(
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return (out, last) if return_last_state else out
+
+
+def cross_selective_scan_triton(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Fused four-direction scan of a ``(B, D, H, W)`` map (see :mod:`common.ops.cross_scan`).
+
+    The kernels read ``x`` and the per-direction ``delta`` ``(B, 4, D, H*W)`` and ``B`` / ``C``
+    ``(B, 4, N, H*W)`` at the map position of each scan step, so no copy of the map is made; the four
+    outputs are written at the map's positions and summed. Same numbers as
+    :func:`common.ops.cross_scan.cross_selective_scan_ref`.
+    """
+    if x.device.type != "cuda" and not INTERPRETED:
+        return _interpreted_twin().cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    b, d, h, w = x.shape
+    length = h * w
+    u = x.reshape(b, d, length)
+    flat = delta.reshape(b, 4 * d, length)
+    check_scan_inputs(flat, flat, A, B, C, D, None, delta_bias)  # the shapes (x's against delta: the caller)
+    if length == 0:
+        return torch.zeros_like(x)
+    out, _ = SelectiveScanTriton.apply(u, flat, A, B, C, D, None, delta_bias,
+                                       delta_softplus, False, (h, w))
+    return out.view(b, 4, d, length).sum(1).view(b, d, h, w)

@@ -1,5 +1,6 @@
 """Building blocks shared by the networks: SS2D, the VSS block, patch embed / merge / expand."""
 
+from ...ops.cross_scan import cross_merge, cross_scan
 from .layers import (
     LayerNorm2d,
     Linear2d,
@@ -10,7 +11,7 @@ from .layers import (
     to_channels_first,
     to_channels_last,
 )
-from .ss2d import SS2D, cross_merge, cross_scan
+from .ss2d import SS2D
 from .vss import VSSBlock
 
 __all__ = [

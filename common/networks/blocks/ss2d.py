@@ -16,6 +16,11 @@ Data flow (``d_inner = ssm_ratio * d_model``, ``K = 4`` scan directions)::
     x -> in_proj -> [x | z] ; x -> dwconv -> SiLU -> cross_scan (K, d_inner, L)
       -> per-direction projections to (dt, B, C) -> selective scan -> cross_merge
       -> out_norm -> (* SiLU(z)) -> out_proj -> dropout
+
+With ``fused_scan=True`` and the ``triton`` scan backend the cross-scan is fused
+(:mod:`common.ops.cross_scan`): the projections run on the map itself and the kernels read it in
+the four orders, so the ``(B, 4, d_inner, L)`` copy and the merge's un-permuting copies are not
+made. Same numbers; slower on an H200 for now, so off by default.
 """
 
 from __future__ import annotations
@@ -26,26 +31,12 @@ import torch
 from torch import nn
 
 from ...ops import selective_scan
+from ...ops.cross_scan import cross_merge, cross_scan, cross_selective_scan, fused_cross_scan_available
 from .layers import LayerNorm2d, Linear2d, to_channels_first, to_channels_last
 
-__all__ = ["SS2D", "cross_scan", "cross_merge"]
+__all__ = ["SS2D", "cross_scan", "cross_merge"]  # the cross-scan pair lives in common.ops.cross_scan
 
 K_DIRECTIONS = 4
-
-
-def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, and both reversed."""
-    rows = x.flatten(2)
-    cols = x.transpose(2, 3).flatten(2)
-    xs = torch.stack([rows, cols], dim=1)
-    return torch.cat([xs, xs.flip(-1)], dim=1)
-
-
-def cross_merge(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, 4, D, H*W) -> (B, D, H, W): undo each direction's order and sum (adjoint of cross_scan)."""
-    b, _, d, _ = ys.shape
-    y = ys[:, :2] + ys[:, 2:].flip(-1)
-    return y[:, 0].view(b, d, height, width) + y[:, 1].view(b, d, width, height).transpose(2, 3)
 
 
 def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
@@ -75,6 +66,9 @@ class SS2D(nn.Module):
             normal A_logs, dt) or ``"v2"`` (zero A_logs, small uniform dt): VMamba's options.
         force_fp32: run the projections around the scan in float32 under autocast.
         scan_backend: selective-scan backend (``None``: automatic, see :mod:`common.ops`).
+        fused_scan: read the map in the four scan orders inside the scan kernel, where the backend
+            has it (the ``triton`` one); off by default: on an H200 it is slower than the written-out
+            cross-scan (the column-major orders read memory W elements apart; benchmarks/README.md).
     """
 
     def __init__(
@@ -98,6 +92,7 @@ class SS2D(nn.Module):
         initialize: str = "v0",
         force_fp32: bool = False,
         scan_backend: str | None = None,
+        fused_scan: bool | None = None,
     ) -> None:
         super().__init__()
         if dt_init not in ("random", "constant"):
@@ -109,6 +104,7 @@ class SS2D(nn.Module):
         self.d_model, self.d_inner, self.d_state, self.dt_rank = d_model, d_inner, d_state, dt_rank
         self.channel_first, self.with_z, self.force_fp32 = channel_first, with_z, force_fp32
         self.scan_backend = scan_backend
+        self.fused_scan = fused_scan
         linear = Linear2d if channel_first else nn.Linear
         k = K_DIRECTIONS
 
@@ -159,12 +155,18 @@ class SS2D(nn.Module):
             self.A_logs.zero_()
         self.Ds.fill_(1.0)
 
+    def _ssm_inputs(self):
+        """A, D and delta_bias of the four directions, float32 (the scan's state math)."""
+        return (-torch.exp(self.A_logs.float()), self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
+
     def ssm(self, x: torch.Tensor) -> torch.Tensor:
         """The four-direction selective scan of a ``(B, d_inner, H, W)`` map, same shape out."""
-        b, d, h, w = x.shape
-        n, r, length = self.d_state, self.dt_rank, h * w
         if self.force_fp32:
             x = x.float()
+        if self.fused_scan and fused_cross_scan_available(self.scan_backend, x.device):
+            return self._ssm_fused(x)
+        b, d, h, w = x.shape
+        n, r, length = self.d_state, self.dt_rank, h * w
         xs = cross_scan(x)  # (B, K, D, L)
         # per-direction projections as matmuls broadcast over the batch: (K, c, D) @ (B, K, D, L).
         # Same numbers as einsum("bkdl,kcd->bkcl"), which permutes into a batched GEMM that is 4-5x
@@ -173,18 +175,30 @@ class SS2D(nn.Module):
         x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.matmul(self.dt_projs_weight.to(xs.dtype), dts)  # (K, D, r) @ (B, K, r, L)
+        A, D, bias = self._ssm_inputs()
         ys = selective_scan(
             xs.reshape(b, -1, length),
             dts.reshape(b, -1, length),
-            -torch.exp(self.A_logs.float()),
+            A,
             bs.contiguous(),
             cs.contiguous(),
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            D,
+            delta_bias=bias,
             delta_softplus=True,
             backend=self.scan_backend,
         )
         return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w)
+
+    def _ssm_fused(self, x: torch.Tensor) -> torch.Tensor:
+        # the projections are per position, so they run on the map itself, (K, c, D) @ (B, 1, D, L),
+        # giving every direction's dt, B, C at the map's positions; the kernel reads them in scan order
+        n, r = self.d_state, self.dt_rank
+        x_dbl = torch.matmul(self.x_proj_weight.to(x.dtype), x.flatten(2).unsqueeze(1))  # (B, K, c, L)
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.matmul(self.dt_projs_weight.to(x.dtype), dts)  # (B, K, D, L)
+        A, D, bias = self._ssm_inputs()
+        return cross_selective_scan(x, dts, A, bs.contiguous(), cs.contiguous(), D, bias, delta_softplus=True,
+                                    backend=self.scan_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` (or ``(B, C, H, W)`` when ``channel_first``) -> same shape."""

@@ -1,0 +1,242 @@
+"""Issue 6 measurements on a GPU: our Triton scan against mamba-ssm and the memory floor, same run.
+
+    python benchmarks/gpu/compare_scan.py --sweep --compare --ss2d --out $OUT
+
+- ``--sweep``: forward and forward + backward ms of the time-in-thread kernels for several
+  (BLOCK_L, LN, NW, cap) launch configurations and of the tile kernels, at N = 16 SS2D shapes.
+- ``--compare``: at the issue's shapes (batch 16, 4 directions, softplus, D, delta_bias): the
+  ``triton`` backend, ``mamba_ssm`` when it imports (``build_mamba_ssm_scan.py``), and the floor =
+  minimal bytes (forward reads u, delta, B, C and writes out; backward also reads dout and writes
+  du, ddelta, dB, dC) / the device-to-device copy bandwidth measured in the same run; ratios.
+- ``--ss2d``: one SS2D scan (projections, cross-scan, scan, merge) forward + backward at the networks'
+  stage shapes: fused triton, unfused triton (PyTorch cross-scan / merge), unfused mamba-ssm.
+
+Times are medians of CUDA-event timings (``triton.testing.do_bench``). Writes compare_scan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common.ops import available_backends, selective_scan  # noqa: E402
+from common.ops import scan_triton as st  # noqa: E402
+
+# (batch, d_inner, L, N, dtype): the issue's table, plus MSSMamba's level-1 scan at its paper batch
+ISSUE_SHAPES = [
+    (16, 96, 3136, 1, torch.float32), (16, 96, 3136, 1, torch.bfloat16), (16, 192, 784, 1, torch.float32),
+    (16, 384, 196, 1, torch.float32), (16, 192, 3136, 16, torch.float32), (16, 192, 3136, 16, torch.bfloat16),
+    (16, 768, 196, 16, torch.float32), (16, 192, 4096, 16, torch.float32), (16, 192, 4096, 16, torch.bfloat16),
+    (10, 192, 12544, 16, torch.bfloat16),
+]
+SWEEP_SHAPES = [(16, 192, 3136, 16, torch.float32), (16, 768, 196, 16, torch.float32),
+                (10, 192, 12544, 16, torch.bfloat16)]
+# (BLOCK_L, LN, NW, cap[, SHIFT]): SHIFT 0 = the backward re-reading dt, u, B one step back and ahead
+TIME_CONFIGS = [(8, 4, 1, 8, 0), (8, 4, 1, 8), (8, 4, 1, 2), (8, 4, 1, 1), (4, 4, 1, 1), (16, 4, 1, 1),
+                (8, 8, 1, 1), (16, 8, 1, 1), (8, 8, 1, 8), (16, 16, 1, 1), (16, 16, 1, 8), (8, 16, 1, 8),
+                (4, 2, 1, 1), (8, 2, 1, 1)]
+# SS2D stages (batch, d_inner, H, W, N): MSVM-UNet stage 1 and 3, Mamba-UNet / Mamba-HUNet stage 1, MSSMamba level 1
+OUT_DIR = ["/tmp"]
+SS2D_SHAPES = [(32, 96, 56, 56, 1), (32, 384, 14, 14, 1), (24, 192, 64, 64, 16), (16, 192, 56, 56, 16),
+               (10, 192, 112, 112, 16)]
+
+
+def emit(rows, row):
+    """Keep a result: printed, and the JSON rewritten (a run cut off by its time limit keeps what it measured)."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(OUT_DIR[0], "compare_scan.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
+def bench(fn):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def make(batch, d_inner, length, n, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dim = 4 * d_inner
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g, device="cuda") * scale + shift
+
+    return [rnd(batch, dim, length).to(dtype), rnd(batch, dim, length, scale=0.5, shift=-2.0).to(dtype),
+            -torch.exp(rnd(dim, n, scale=0.5)), rnd(batch, 4, n, length).to(dtype),
+            rnd(batch, 4, n, length).to(dtype), rnd(dim), None, rnd(dim, scale=0.1)]
+
+
+def time_scan(backend, shape):
+    batch, d_inner, length, n, dtype = shape
+    ins = make(batch, d_inner, length, n, dtype)
+    leaves = [t.detach().clone().requires_grad_(i != 6) if t is not None else None for i, t in enumerate(ins)]
+    gout = torch.randn(batch, 4 * d_inner, length, device="cuda", dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            selective_scan(*leaves, True, backend=backend)
+
+    def fwd_bwd():
+        selective_scan(*leaves, True, backend=backend).backward(gout)
+
+    return bench(fwd), bench(fwd_bwd)
+
+
+def floor_ms(shape, bandwidth):
+    batch, d_inner, length, n, dtype = shape
+    es = torch.finfo(dtype).bits // 8
+    bdl, bgnl = batch * 4 * d_inner * length, batch * 4 * n * length
+    fwd = (3 * bdl + 2 * bgnl) * es  # u, delta, B, C in; out
+    bwd = (5 * bdl + 4 * bgnl) * es  # u, delta, dout, B, C in; du, ddelta, dB, dC out
+    return fwd / bandwidth * 1e3, (fwd + bwd) / bandwidth * 1e3
+
+
+def label(shape):
+    b, d, length, n, dtype = shape
+    return f"b{b} d{d} L{length} N{n} {str(dtype).split('.')[-1]}"
+
+
+def sweep(rows, configs, repeats):
+    best = {}
+    for shape in SWEEP_SHAPES:
+        for cfg in [None] + configs:
+            st.CONFIG_OVERRIDE.clear()
+            if cfg is None:
+                st.CONFIG_OVERRIDE["path"] = "tile"
+            else:
+                st.CONFIG_OVERRIDE["time"] = cfg
+            try:
+                times = [time_scan("triton", shape) for _ in range(repeats)]  # the fastest of the repeats
+                f, fb = min(t[0] for t in times), min(t[1] for t in times)
+            except Exception as err:  # a configuration that does not compile or runs out of resources
+                print("FAIL", label(shape), cfg, type(err).__name__, str(err)[:300], flush=True)
+                continue
+            row = dict(kind="sweep", shape=label(shape), kernels="tile" if cfg is None else "time",
+                       config=cfg, fwd_ms=round(f, 4), fwd_bwd_ms=round(fb, 4))
+            emit(rows, row)
+            if cfg is not None:
+                best.setdefault(cfg, []).append(fb)
+    st.CONFIG_OVERRIDE.clear()
+    scored = {cfg: sum(v) for cfg, v in best.items() if len(v) == len(SWEEP_SHAPES)}  # fwd+bwd summed
+    if scored:
+        win = min(scored, key=scored.get)
+        print("best time-in-thread config over the sweep shapes:", win, flush=True)
+        emit(rows, dict(kind="sweep_best", config=win))
+        with open(os.path.join(OUT_DIR[0], "best_config.txt"), "w") as fh:
+            fh.write(",".join(str(v) for v in win))
+        return win
+    return None
+
+
+def compare(rows, config):
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    emit(rows, dict(kind="bandwidth", tb_s=round(bw / 1e12, 3)))
+    if config is not None:
+        st.CONFIG_OVERRIDE["time"] = tuple(config)
+    have_mamba = "mamba_ssm" in available_backends("cuda")
+    for shape in ISSUE_SHAPES:
+        f, fb = time_scan("triton", shape)
+        fl_f, fl_fb = floor_ms(shape, bw)
+        row = dict(kind="compare", shape=label(shape), triton_fwd_ms=round(f, 4), triton_fwd_bwd_ms=round(fb, 4),
+                   floor_fwd_ms=round(fl_f, 4), floor_fwd_bwd_ms=round(fl_fb, 4),
+                   triton_over_floor=round(fb / fl_fb, 2))
+        if have_mamba:
+            mf, mfb = time_scan("mamba_ssm", shape)
+            row.update(mamba_fwd_ms=round(mf, 4), mamba_fwd_bwd_ms=round(mfb, 4),
+                       speedup_vs_mamba_fwd=round(mf / f, 2), speedup_vs_mamba_fwd_bwd=round(mfb / fb, 2))
+        emit(rows, row)
+    st.CONFIG_OVERRIDE.clear()
+
+
+def time_ss2d(m, x, amp):
+    """(output, forward ms, forward + backward ms, extra peak MiB) of one SS2D scan."""
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            return m.ssm(x)
+
+    y = forward()
+    gy = torch.randn_like(y)
+
+    def fwd_bwd():
+        forward().backward(gy)
+
+    def fwd_only():
+        with torch.no_grad():
+            forward()
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t_fb = bench(fwd_bwd)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return y.detach().float(), bench(fwd_only), t_fb, peak
+
+
+def ss2d(rows, config):
+    from common.networks.blocks import SS2D
+
+    if config is not None:
+        st.CONFIG_OVERRIDE["time"] = tuple(config)
+    variants = [("triton", False, "triton unfused"), ("triton", True, "triton fused")]
+    if "mamba_ssm" in available_backends("cuda"):
+        variants.append(("mamba_ssm", False, "mamba_ssm + torch cross-scan"))
+    for batch, d_inner, h, w, n in SS2D_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            res = dict(kind="ss2d", shape=f"b{batch} d{d_inner} {h}x{w} N{n}", dtype=str(dtype).split(".")[-1])
+            ref = None
+            for backend, fused, name in variants:
+                torch.manual_seed(0)
+                m = SS2D(d_inner, d_state=n, ssm_ratio=1.0, scan_backend=backend, fused_scan=fused).cuda()
+                x = torch.randn(batch, d_inner, h, w, device="cuda", dtype=dtype, requires_grad=True)
+                y, t_f, t_fb, peak = time_ss2d(m, x, dtype == torch.bfloat16)
+                diff = 0.0 if ref is None else ((y - ref).norm() / ref.norm()).item()
+                ref = y if ref is None else ref
+                res[name] = dict(fwd_ms=round(t_f, 4), fwd_bwd_ms=round(t_fb, 4), peak_extra_mib=round(peak, 1),
+                                 rel_diff_vs_first=float(f"{diff:.2e}"))
+            emit(rows, res)
+    st.CONFIG_OVERRIDE.clear()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--ss2d", action="store_true")
+    ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap[,SHIFT] (default: the "
+                                                 "sweep's best when --sweep ran, else the shipped table)")
+    ap.add_argument("--configs", default="", help="';'-separated configs for --sweep (default: TIME_CONFIGS)")
+    ap.add_argument("--repeats", type=int, default=1, help="--sweep: timings per case (the fastest is kept)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    args = ap.parse_args()
+    OUT_DIR[0] = args.out
+    rows = [dict(kind="meta", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                 triton=__import__("triton").__version__, date=dt.date.today().isoformat(),
+                 shipped_time_config={str(k): v for k, v in st.TIME_IN_THREAD_CONFIG.items()})]
+    config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    if args.sweep:
+        configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";") if c] or TIME_CONFIGS
+        config = sweep(rows, configs, args.repeats) or config
+    if args.compare:
+        compare(rows, config)
+    if args.ss2d:
+        ss2d(rows, config)
+
+
+if __name__ == "__main__":
+    main()
