@@ -142,7 +142,7 @@ def main(argv=None):
                     help="torch.compile the network with this mode")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--graph-train", action="store_true", help="replay the whole training step from a CUDA graph")
-    ap.add_argument("--time-config", default="", help="triton time-in-thread kernels' BLOCK_L,LN,NW,cap[,SHIFT]")
+    ap.add_argument("--time-config", default="", help="triton time-in-thread kernels' BLOCK_L,LN,NW,cap")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for float32 matmuls / convolutions")
     args = ap.parse_args(argv)
     if args.time_config:

@@ -15,9 +15,10 @@ Backends (all with mamba-ssm's ``selective_scan_fn`` semantics):
 
 Choosing: the ``backend`` argument wins, then the environment variable
 ``MAMBA_BUNDLES_SCAN_BACKEND`` (``auto`` or empty means automatic), then automatic choice: on
-CUDA the fastest available GPU backend (``mamba_ssm`` when it is installed: its kernel is still
-1.6-4x faster than ours on an H100, ``benchmarks/README.md``; else ``triton``, which needs no
-build step); on CPU ``cpu`` when its kernel builds (a C compiler is present), otherwise ``torch``.
+CUDA the fastest available GPU backend (``mamba_ssm`` when it is installed: on an H200 its kernel is
+on par with ours at N = 16 forward + backward (0.80-1.09x) and 1.2-2x faster at N = 1,
+``benchmarks/README.md``; else ``triton``, which needs no build step); on CPU ``cpu`` when its kernel
+builds (a C compiler is present), otherwise ``torch``.
 A backend that was asked for by name and cannot run raises ``RuntimeError`` saying why.
 
 Nothing here imports mamba_ssm or triton until a CUDA tensor asks for them, and the CPU kernel is
@@ -49,7 +50,7 @@ __all__ = [
 
 SCAN_BACKEND_ENV = "MAMBA_BUNDLES_SCAN_BACKEND"
 SCAN_BACKENDS = ("cpu", "torch", "mamba_ssm", "triton", "ref")
-# fastest first (H100 measurements in benchmarks/README.md); triton moves ahead once it beats mamba-ssm
+# fastest first (H200 measurements in benchmarks/README.md); triton moves ahead once it beats mamba-ssm
 _GPU_PREFERENCE = ("mamba_ssm", "triton")
 
 

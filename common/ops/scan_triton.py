@@ -5,29 +5,38 @@ Same signature and semantics as :func:`common.ops.scan_ref.selective_scan_ref` (
 ``B`` / ``C`` fixed ``(dim, N)``, shared ``(batch, N, L)`` or grouped ``(batch, G, N, L)``, and
 gradients for every input, also through ``last_state``.
 
-Kernel layout. One program per (block of ``BLOCK_D`` channels of one B/C group, batch element)
-walks the sequence in chunks of ``BLOCK_L`` steps. A chunk is a ``(BLOCK_D, N, BLOCK_L)`` register
-tile: the decays ``a = exp(dt * A)`` and inputs ``b = dt * u * B`` of every step, scanned along the
-time axis with ``tl.associative_scan`` (first-order linear recurrence), plus the state carried in
-from the previous chunk; ``y = sum_n C * h`` is reduced in registers, so the states never touch
-memory. The forward stores the state entering each chunk (``batch x dim x chunks x N``, a few per
-cent of the traffic) when a gradient will be needed.
+Two kernel families, chosen per call:
 
-The backward walks the chunks in reverse: it recomputes the chunk's states from the stored chunk
-state (scanning the previous step's decay and input, so that ``a[t] h[t-1]`` is formed directly
-rather than as ``h[t] - b[t]``, which cancels), runs the adjoint recurrence ``q[t] = C[t] dy[t] +
-a[t+1] q[t+1]`` as a reverse scan (the shifted decay ``a[t+1]`` comes from re-reading ``delta`` one
-step ahead, a cache hit), and forms all gradients in the same pass. Per-channel sums (``dA``,
-``dD``, ``d delta_bias``, fixed ``dB`` / ``dC``) go to per-(batch, channel) buffers summed
-afterwards; the time-varying ``dB`` and ``dC`` (sums over the channels of a group) are added with
-float atomics, one per program and element (``dim / G / BLOCK_D`` contributions each), or stored
-directly when one block covers a group.
+- Tile kernels (N < 8, e.g. MSVM-UNet's N = 1, and fixed B or C). One program per (block of
+  ``BLOCK_D`` channels of one B/C group, batch element) walks the sequence in chunks of ``BLOCK_L``
+  steps. A chunk is a ``(BLOCK_D, N, BLOCK_L)`` register tile: the decays ``a = exp(dt * A)`` and
+  inputs ``b = dt * u * B`` of every step, scanned along the time axis with ``tl.associative_scan``
+  (first-order linear recurrence), plus the state carried in from the previous chunk; ``y = sum_n C
+  * h`` is reduced in registers, so the states never touch memory. Triton's default layout puts the
+  time axis across the lanes, so the scans cost shuffles.
+- Time-in-thread kernels (time-varying B and C, 8 <= N <= 32: the N = 16 SS2D scans). 5-D tiles
+  ``(BLOCK_L, N / LN, warps, LN, 32 / LN)`` whose default layout gives each thread all ``BLOCK_L``
+  steps of ``N / LN`` states of one channel: the time scan runs inside the thread. Launch
+  configurations in ``TIME_IN_THREAD_CONFIG`` (measured: benchmarks/README.md).
 
-Speed (H100, batch 16, SS2D shapes; benchmarks/README.md): 17-27x faster than the ``torch`` backend
-on CUDA, but not yet as fast as mamba-ssm's CUDA kernel (forward + backward 1.6-4x slower at N=1,
-2x at N=16): Triton's default layout spreads the time axis of the tile over
-the lanes, so the scans and the channel reductions cost shuffles, and the time-varying dB / dC use
-float atomics. ``benchmarks/gpu/scan_triton_5d_experiment.py`` is a variant whose forward is 2x faster.
+Both forwards store the state entering each chunk when a gradient will be needed. The backwards
+walk the chunks in reverse: they recompute the chunk's states from the stored chunk state (scanning
+the previous step's decay and input, so that ``a[t] h[t-1]`` is formed directly rather than as
+``h[t] - b[t]``, which cancels), run the adjoint recurrence ``q[t] = C[t] dy[t] + a[t+1] q[t+1]`` as a
+reverse scan (the shifted decay from re-reading ``delta`` one step ahead, a cache hit), and form all
+gradients in the same pass. Per-channel sums (``dA``, ``dD``, ``d delta_bias``, fixed ``dB`` / ``dC``)
+go to per-(batch, channel) buffers summed afterwards; the time-varying ``dB`` and ``dC`` (sums over
+the channels of a group) are added with float atomics, one per program and element, or stored
+directly when one program covers a group.
+
+Fused cross-scan mode (``spatial=(H, W)``, :func:`cross_selective_scan_triton`): the kernels read
+the ``(B, D, H, W)`` map and the per-direction inputs at the map position of each step of each of
+the four SS2D directions (``_pos``) and write the outputs there: no ``(B, 4, D, L)`` copy.
+
+Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 forward + backward on par
+with mamba-ssm's CUDA kernel (0.80-1.09x), forward 1.1-1.55x faster at long sequences; at N = 1
+0.5-0.8x. The fused cross-scan mode is about 2x slower than the PyTorch cross-scan around the plain
+scan (column-major steps are W elements apart in memory), so SS2D uses it only when asked.
 
 On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), for tests: if
 this module was first imported without that variable, a CPU call loads an interpreted twin.
@@ -459,23 +468,6 @@ def _fwd_kernel_t(
 
 
 @triton.jit
-def _shift_combine(p1, c1, n1, p2, c2, n2):
-    # segments as (the value before the last, the last value, length): scanned, every step gets its
-    # predecessor (reverse=True: its successor), the exact one-step shift of a time axis held in-thread
-    return tl.where(n2 == 1, c1, p2), c2, n1 + n2
-
-
-@triton.jit
-def _shift(x, fill, axis: tl.constexpr, REVERSE: tl.constexpr, FIRST):
-    # x[t - 1] (REVERSE: x[t + 1]) along `axis`; `fill` enters at the chunk's first (last) step, FIRST
-    # marks that step
-    ones = tl.full(x.shape, 1, tl.int32)
-    prev, _, _ = tl.associative_scan((tl.where(FIRST, fill, 0.0), x, ones), axis=axis,
-                                     combine_fn=_shift_combine, reverse=REVERSE)
-    return prev
-
-
-@triton.jit
 def _bwd_kernel_t(
     u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
     states_ptr, dts_ptr, dout_ptr, q_ptr,
@@ -485,7 +477,6 @@ def _bwd_kernel_t(
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr, SPATIAL: tl.constexpr,
-    SINGLE: tl.constexpr, SHIFT: tl.constexpr,
     BLOCK_L: tl.constexpr, BNR: tl.constexpr, LN: tl.constexpr, NW: tl.constexpr, BD8: tl.constexpr,
 ):
     # "time in thread" backward (5-D tiles as in _fwd_kernel_t). A program owns n_sub blocks of
@@ -495,17 +486,11 @@ def _bwd_kernel_t(
     # elementwise over the blocks in registers and reduced across lanes and warps once per chunk: one
     # store (or one atomic per program when several programs share a group). What a channel block
     # carries from chunk to chunk (the adjoint state q, and the sums dA, dD, d delta_bias) lives in
-    # registers when the program owns one block (SINGLE), else in per-(batch, channel) buffers that
-    # only this program touches; q_ptr arrives holding the gradient of last_state (or zeros). The step
-    # sizes dt come from the forward (dts_ptr, after bias and softplus, scan order): the softplus
-    # derivative is sigmoid(x) = 1 - exp(-softplus(x)).
-    #
-    # The chunk's states are recomputed from the stored entering state h0 exactly as the forward
-    # computed them. The gradient of A needs a[t] h[t - 1] (as h[t] - b[t] it cancels when the decay
-    # is small and b large), the adjoint recurrence q[t] = C[t] dy[t] + a[t + 1] q[t + 1] the next
-    # step's decay. SHIFT: both shifted tiles come from the in-thread shift scan (_shift), so each
-    # decay is computed once (one exp per state and step); otherwise from re-reading dt, u and B one
-    # step back and ahead and two more exps.
+    # per-(batch, channel) buffers that only this program touches; q_ptr arrives holding the gradient
+    # of last_state (or zeros). The step sizes dt come from the forward (dts_ptr, after bias and
+    # softplus, scan order): the softplus derivative is sigmoid(x) = 1 - exp(-softplus(x)).
+    # (Measured slower on an H200, in git history: one exp per step with the shifted tiles from an
+    # in-thread shift scan, and register carries when a program owns one block; benchmarks/README.md.)
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     BDP: tl.constexpr = NW * BD8
     pid = tl.program_id(0)
@@ -518,30 +503,20 @@ def _bwd_kernel_t(
     mask_n = n < n_state
     b_off = pid_b * sb_batch + (p0 // dpg_b) * sb_group + n * sb_n
     c_off = pid_b * sc_batch + (p0 // dpg_c) * sc_group + n * sc_n
-    first = ol == 0
-    last = ol == BLOCK_L - 1
-    # register carries (SINGLE): the program's one channel block
-    d1 = p0 + dl
-    q_reg = tl.load(q_ptr + (pid_b * dim + d1).to(tl.int64) * n_state + n, mask=(d1 < dim) & mask_n, other=0.0)
-    dA_reg = tl.full((1, BNR, NW, LN, BD8), 0.0, dtype=CDT)
-    dD_reg = tl.full((1, 1, NW, 1, BD8), 0.0, dtype=CDT)
-    db_reg = tl.full((1, 1, NW, 1, BD8), 0.0, dtype=CDT)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         t = c * BLOCK_L + ol
         mask_t = t < L
         mnt = mask_n & mask_t
         p = _pos(t, k, H, W, L, SPATIAL)
+        p_prev = _pos(t - 1, k, H, W, L, SPATIAL)
         Bv = tl.load(B_ptr + b_off + p, mask=mnt, other=0.0).to(CDT)
-        if not SHIFT:
-            p_prev = _pos(t - 1, k, H, W, L, SPATIAL)
-            Bp = tl.load(B_ptr + b_off + p_prev, mask=mnt & (ol > 0), other=0.0).to(CDT)  # B[t - 1]
+        Bp = tl.load(B_ptr + b_off + p_prev, mask=mnt & (ol > 0), other=0.0).to(CDT)  # B[t - 1]
         Cv = tl.load(C_ptr + c_off + p, mask=mnt, other=0.0).to(CDT)
         accB = tl.full((BLOCK_L, BNR, NW, LN, BD8), 0.0, dtype=CDT)
         accC = tl.full((BLOCK_L, BNR, NW, LN, BD8), 0.0, dtype=CDT)
-        if not SINGLE:
-            # the carried per-channel sums were written last chunk by other threads than read them
-            tl.debug_barrier()
+        # the carried per-channel sums were written last chunk by other threads than read them
+        tl.debug_barrier()
         for j in range(0, n_sub):
             d = p0 + j * BDP + dl
             mask_d = d < dim
@@ -550,45 +525,35 @@ def _bwd_kernel_t(
             row = (pid_b * dim + d).to(tl.int64) * L
             urow = (pid_b * u_dim + d % u_dim).to(tl.int64) * L
             bdn = (pid_b * dim + d).to(tl.int64) * n_state + n
-            bd = pid_b * dim + d
-            # every load of the iteration first, so that their latencies overlap
             A = tl.load(A_ptr + d * n_state + n, mask=mask_dn, other=0.0).to(CDT)
+            A2 = A * _LOG2E
             u = tl.load(u_ptr + urow + p, mask=m2, other=0.0).to(CDT)
             dt = tl.load(dts_ptr + row + t, mask=m2, other=0.0)
+            m2n = m2 & (t + 1 < L)
+            dt_next = tl.load(dts_ptr + row + t + 1, mask=m2n, other=0.0)
+            m2p = m2 & (ol > 0)
+            dt_prev = tl.load(dts_ptr + row + t - 1, mask=m2p, other=0.0)
+            u_prev = tl.load(u_ptr + urow + p_prev, mask=m2p, other=0.0).to(CDT)
             dout = tl.load(dout_ptr + row + p, mask=m2, other=0.0).to(CDT)
+
+            # recompute the chunk's states from the stored entering state h0. The scan runs over the
+            # previous step's decay and input (identity at the chunk's first step), so it gives
+            # h[t - 1] and a[t] h[t - 1] is formed directly (as h[t] - b[t] it cancels when the decay
+            # is small and b large).
             h0 = tl.load(states_ptr + (pid_b * n_chunks + c) * dim * n_state + d * n_state + n,
                          mask=mask_dn, other=0.0)
-            if SHIFT:
-                t_next = (c + 1) * BLOCK_L + ol * 0  # the next chunk's first step, at the last row
-                dt_b = tl.load(dts_ptr + row + t_next, mask=mask_d & (t_next < L) & last, other=0.0)
-            else:
-                m2p = m2 & (ol > 0)
-                dt_prev = tl.load(dts_ptr + row + t - 1, mask=m2p, other=0.0)
-                u_prev = tl.load(u_ptr + urow + p_prev, mask=m2p, other=0.0).to(CDT)
-                dt_next = tl.load(dts_ptr + row + t + 1, mask=m2 & (t + 1 < L), other=0.0)
-            if not SINGLE:
-                q_in = tl.load(q_ptr + bdn, mask=mask_dn, other=0.0)
+            a = tl.exp2(dt * A2)
+            dtu = dt * u
+            b = dtu * Bv
+            b_prev = tl.where(ol == 0, h0, dt_prev * u_prev * Bp)
+            _, h_prev = tl.associative_scan((tl.exp2(dt_prev * A2), b_prev), axis=0, combine_fn=_combine)
+            ah = a * h_prev
+            hh = ah + b
+
             if HAS_D:
                 Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(CDT)
             if HAS_Z:
                 zv = tl.load(z_ptr + row + p, mask=m2, other=0.0).to(CDT)
-            A2 = A * _LOG2E
-            a = tl.exp2(dt * A2)
-            dtu = dt * u
-            b = dtu * Bv
-            if SHIFT:
-                _, hh = tl.associative_scan((a, tl.where(first, b + a * h0, b)), axis=0, combine_fn=_combine)
-                ah = a * _shift(hh, h0, 0, False, first)  # a[t] h[t - 1]
-                # a[t + 1]: in-chunk by the shift; at the last step the next chunk's first decay (1 past L)
-                a_next = _shift(a, tl.exp2(_sum_keep(dt_b, 0) * A2), 0, True, last)
-            else:
-                b_prev = tl.where(first, h0, dt_prev * u_prev * Bp)
-                _, h_prev = tl.associative_scan((tl.exp2(dt_prev * A2), b_prev), axis=0, combine_fn=_combine)
-                ah = a * h_prev
-                hh = ah + b
-                a_next = tl.exp2(dt_next * A2)
-
-            if HAS_Z:
                 y = _sum_n5(hh * Cv)
                 if HAS_D:
                     y = y + u * Dv
@@ -598,48 +563,36 @@ def _bwd_kernel_t(
                 dy = dout * zv * sig
             else:
                 dy = dout
+            bd = pid_b * dim + d
             if HAS_D:
                 du = dy * Dv
-                if SINGLE:
-                    dD_reg += _sum_keep(dy * u, 0)
-                else:
-                    tl.store(dD_ptr + bd, tl.load(dD_ptr + bd, mask=mask_d, other=0.0) + _sum_keep(dy * u, 0),
-                             mask=mask_d)
+                dD_new = tl.load(dD_ptr + bd, mask=mask_d, other=0.0) + _sum_keep(dy * u, 0)
+                tl.store(dD_ptr + bd, dD_new, mask=mask_d)
             else:
                 du = tl.full((BLOCK_L, 1, NW, 1, BD8), 0.0, dtype=CDT)
             accC += dy * hh
 
             # adjoint states, reverse scan: q[t] = C[t] dy[t] + a[t+1] q[t+1]
-            if SINGLE:
-                q_in = q_reg
+            a_next = tl.exp2(dt_next * A2)
+            q_in = tl.load(q_ptr + bdn, mask=mask_dn, other=0.0)
             rhs = dy * Cv
-            rhs = tl.where(last, rhs + a_next * q_in, rhs)
+            rhs = tl.where(ol == BLOCK_L - 1, rhs + a_next * q_in, rhs)
             _, q = tl.associative_scan((a_next, rhs), axis=0, combine_fn=_combine, reverse=True)
-            q_out = _sum_keep(tl.where(first, q, 0.0), 0)
-            if SINGLE:
-                q_reg = q_out
-            else:
-                tl.store(q_ptr + bdn, q_out, mask=mask_dn)
+            tl.store(q_ptr + bdn, _sum_keep(tl.where(ol == 0, q, 0.0), 0), mask=mask_dn)
             accB += q * dtu
 
             sB = _sum_n5(q * Bv)
             x = q * ah  # d loss / d(dt * A)
             ddt = sB * u + _sum_n5(x * A)
             du = du + sB * dt
-            if SINGLE:
-                dA_reg += _sum_keep(x * dt, 0)
-            else:
-                tl.store(dA_ptr + bdn, tl.load(dA_ptr + bdn, mask=mask_dn, other=0.0) + _sum_keep(x * dt, 0),
-                         mask=mask_dn)
+            dA_ptrs = dA_ptr + bdn
+            tl.store(dA_ptrs, tl.load(dA_ptrs, mask=mask_dn, other=0.0) + _sum_keep(x * dt, 0), mask=mask_dn)
             if SOFTPLUS:  # sigmoid(x) = 1 - exp(-softplus(x)); a series where that cancels
                 ddt = ddt * tl.where(dt < 0.01, dt * (1.0 - dt * (0.5 - dt / 6.0)), 1.0 - tl.exp(-dt))
             ddt = tl.where(m2, ddt, 0.0)
             if HAS_BIAS:
-                if SINGLE:
-                    db_reg += _sum_keep(ddt, 0)
-                else:
-                    tl.store(dbias_ptr + bd, tl.load(dbias_ptr + bd, mask=mask_d, other=0.0) + _sum_keep(ddt, 0),
-                             mask=mask_d)
+                db_new = tl.load(dbias_ptr + bd, mask=mask_d, other=0.0) + _sum_keep(ddt, 0)
+                tl.store(dbias_ptr + bd, db_new, mask=mask_d)
             tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddt_ptr + row + p, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
 
@@ -653,14 +606,6 @@ def _bwd_kernel_t(
             tl.atomic_add(dC_ptr + c_off + p, dC_t, mask=mnt)
         else:
             tl.store(dC_ptr + c_off + p, dC_t, mask=mnt)
-    if SINGLE:
-        m1 = d1 < dim
-        bdn1 = (pid_b * dim + d1).to(tl.int64) * n_state + n
-        tl.store(dA_ptr + bdn1, dA_reg, mask=m1 & mask_n)
-        if HAS_D:
-            tl.store(dD_ptr + pid_b * dim + d1, dD_reg, mask=m1)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + pid_b * dim + d1, db_reg, mask=m1)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -717,8 +662,9 @@ def _sm_count(device: torch.device) -> int:
 
 # (BLOCK_L, LN, NW, max channel blocks per backward program) of the time-in-thread kernels, by the
 # padded state count; LN lanes share a channel's states, so a thread holds BLOCK_L x (N / LN) values
-# of each tile. Chosen by the sweep in benchmarks/gpu/check_triton_scan.py --tsweep (benchmarks/README.md).
-TIME_IN_THREAD_CONFIG = {8: (8, 1, 1, 8), 16: (4, 1, 1, 8), 32: (4, 2, 1, 8), 64: (4, 4, 1, 8)}
+# of each tile. N = 16: the fastest forward + backward over three SS2D shapes of the sweep in
+# benchmarks/gpu/compare_scan.py on an H200 (benchmarks/README.md); N = 8 and 32 use it unmeasured.
+TIME_IN_THREAD_CONFIG = {8: (8, 4, 1, 8), 16: (8, 4, 1, 8), 32: (8, 4, 1, 8)}
 
 
 def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
@@ -731,10 +677,9 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
     element's atomics, but the sequential work per program grows).
     """
     bn = triton.next_power_of_2(n_state)
-    if any_fixed or bn < 8 or bn > 64 or CONFIG_OVERRIDE.get("path") == "tile":
+    if any_fixed or bn < 8 or bn > 32 or CONFIG_OVERRIDE.get("path") == "tile":
         return None
-    bl, ln, nw, cap, *rest = CONFIG_OVERRIDE.get("time", TIME_IN_THREAD_CONFIG[bn])
-    shift = bool(rest[0]) if rest else True
+    bl, ln, nw, cap = CONFIG_OVERRIDE.get("time", TIME_IN_THREAD_CONFIG[bn])
     ln = min(ln, bn)
     bdp = nw * (32 // ln)
     if gdims % bdp:
@@ -748,7 +693,7 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
     for k in range(1, min(cap, blocks) + 1):
         if blocks % k == 0 and (dim // (k * bdp)) * batch >= target:
             n_sub = k
-    return dict(BLOCK_L=bl, LN=ln, NW=nw, n_sub=n_sub, BDP=bdp, SHIFT=shift)
+    return dict(BLOCK_L=bl, LN=ln, NW=nw, n_sub=n_sub, BDP=bdp)
 
 
 class SelectiveScanTriton(torch.autograd.Function):
@@ -860,7 +805,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                 du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
                 dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
                 dim, length, n_state, n_chunks, n_sub, *ctx.geometry, *strides, **opts,
-                B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, SINGLE=n_sub == 1, SHIFT=tcfg["SHIFT"],
+                B_ATOMIC=b_atomic, C_ATOMIC=c_atomic,
                 BLOCK_L=bl, BNR=bn // ln, LN=ln, NW=nw, BD8=32 // ln, num_warps=nw,
             )
         else:
