@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.ops import resolve_backend
 from common.ops.cross_scan import (
     cross_merge,
     cross_scan,
@@ -125,8 +126,7 @@ def test_fused_is_chosen_for_triton_only(monkeypatch):
     assert not fused_cross_scan_available("torch", "cpu")
     assert not fused_cross_scan_available(None, "cpu")
     if CUDA:
-        assert fused_cross_scan_available(None, "cuda") == (
-            __import__("common.ops", fromlist=["resolve_backend"]).resolve_backend(None, "cuda") == "triton")
+        assert fused_cross_scan_available(None, "cuda") == (resolve_backend(None, "cuda") == "triton")
 
 
 def test_shape_errors_name_the_argument():

@@ -670,8 +670,8 @@ TIME_IN_THREAD_CONFIG = {8: (8, 4, 1, 8), 16: (8, 4, 1, 8), 32: (8, 4, 1, 8)}
 def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
     """Launch parameters of the time-in-thread kernels, or None where they do not apply.
 
-    They apply to time-varying B and C with N >= 8 (the N = 16 SS2D scans) when a block of
-    ``NW * 32 / LN`` channels fits a group. Returns dict(BLOCK_L, LN, NW, n_sub, BDP) where
+    They apply to time-varying B and C with 8 <= N <= 32 (padded; the N = 16 SS2D scans) when a block
+    of ``NW * 32 / LN`` channels fits a group. Returns dict(BLOCK_L, LN, NW, n_sub, BDP) where
     ``n_sub`` is how many channel blocks one backward program walks: the most, up to the cap, that
     keeps at least five one-warp programs per multiprocessor (fewer programs then share each dB / dC
     element's atomics, but the sequential work per program grows).
