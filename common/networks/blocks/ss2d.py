@@ -92,7 +92,7 @@ class SS2D(nn.Module):
         initialize: str = "v0",
         force_fp32: bool = False,
         scan_backend: str | None = None,
-        fused_scan: bool | None = None,
+        fused_scan: bool = False,
     ) -> None:
         super().__init__()
         if dt_init not in ("random", "constant"):
@@ -155,6 +155,21 @@ class SS2D(nn.Module):
             self.A_logs.zero_()
         self.Ds.fill_(1.0)
 
+    def _project(self, src: torch.Tensor):
+        """Per-direction dt ``(B, K, D, L)``, B and C ``(B, K, N, L)`` of ``src``: ``(B, K, D, L)`` (each
+        direction's own sequence) or ``(B, 1, D, L)`` (the map, shared by the directions).
+
+        Matmuls broadcast over the batch, (K, c, D) @ (B, K, D, L): same numbers as
+        einsum("bkdl,kcd->bkcl"), which permutes into a batched GEMM that is 4-5x slower forward +
+        backward at MSVM-UNet's thin shapes (c = dt_rank + 2N = 8) on an H100 and up to 13x on CPU
+        (benchmarks/gpu/bench_projections.py).
+        """
+        n, r = self.d_state, self.dt_rank
+        x_dbl = torch.matmul(self.x_proj_weight.to(src.dtype), src)
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.matmul(self.dt_projs_weight.to(src.dtype), dts)  # (K, D, r) @ (B, K, r, L)
+        return dts, bs, cs
+
     def _ssm_inputs(self):
         """A, D and delta_bias of the four directions, float32 (the scan's state math)."""
         return (-torch.exp(self.A_logs.float()), self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
@@ -166,15 +181,9 @@ class SS2D(nn.Module):
         if self.fused_scan and fused_cross_scan_available(self.scan_backend, x.device):
             return self._ssm_fused(x)
         b, d, h, w = x.shape
-        n, r, length = self.d_state, self.dt_rank, h * w
+        length = h * w
         xs = cross_scan(x)  # (B, K, D, L)
-        # per-direction projections as matmuls broadcast over the batch: (K, c, D) @ (B, K, D, L).
-        # Same numbers as einsum("bkdl,kcd->bkcl"), which permutes into a batched GEMM that is 4-5x
-        # slower forward + backward at MSVM-UNet's thin shapes (c = dt_rank + 2N = 8) on an H100 and
-        # up to 13x on CPU (benchmarks/gpu/bench_projections.py)
-        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.matmul(self.dt_projs_weight.to(xs.dtype), dts)  # (K, D, r) @ (B, K, r, L)
+        dts, bs, cs = self._project(xs)
         A, D, bias = self._ssm_inputs()
         ys = selective_scan(
             xs.reshape(b, -1, length),
@@ -192,10 +201,7 @@ class SS2D(nn.Module):
     def _ssm_fused(self, x: torch.Tensor) -> torch.Tensor:
         # the projections are per position, so they run on the map itself, (K, c, D) @ (B, 1, D, L),
         # giving every direction's dt, B, C at the map's positions; the kernel reads them in scan order
-        n, r = self.d_state, self.dt_rank
-        x_dbl = torch.matmul(self.x_proj_weight.to(x.dtype), x.flatten(2).unsqueeze(1))  # (B, K, c, L)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.matmul(self.dt_projs_weight.to(x.dtype), dts)  # (B, K, D, L)
+        dts, bs, cs = self._project(x.flatten(2).unsqueeze(1))
         A, D, bias = self._ssm_inputs()
         return cross_selective_scan(x, dts, A, bs.contiguous(), cs.contiguous(), D, bias, delta_softplus=True,
                                     backend=self.scan_backend)
