@@ -139,7 +139,7 @@ if CUDA:
 
 @pytest.mark.parametrize("config,dim,min_programs", TIME_CASES, ids=lambda c: str(c).replace(" ", ""))
 def test_time_in_thread_configs(interpreter, config, dim, min_programs):
-    interpreter.CONFIG_OVERRIDE.update(time=config, min_programs=min_programs)
+    interpreter.CONFIG_OVERRIDE.update(time=config, min_programs=min_programs, path="time")
     batch, length, n = 1, 2 * config[0] + 3, 16
     cfg = interpreter._time_in_thread_config(dim, n, dim // 2, batch, False, torch.device(DEVICE))
     assert cfg is not None and cfg["BLOCK_L"] == config[0]
@@ -151,9 +151,47 @@ def test_time_in_thread_configs(interpreter, config, dim, min_programs):
     compare(got, want, torch.float32)
 
 
+# step kernels (the default for time-varying B / C, 8 <= N <= 32): (batch, dim, L, N, groups, options,
+# STEP_CONFIG override). Partial chunks (L % 4), padded states (N 12), N 32, z, no D, one and two
+# channel blocks per program, and dB / dC summed by per-program partials and by atomics.
+STEP_CASES = [
+    pytest.param(1, 16, 11, 16, 1, ALL, {}, id="z-L11"),
+    pytest.param(2, 32, 9, 16, 2, dict(ALL, with_z=False), {"nsub": 1}, id="groups-nsub1-partials"),
+    pytest.param(1, 32, 8, 12, 1, NONE, {"dbc": "atomic"}, id="N12-bare-atomics"),
+    pytest.param(1, 32, 6, 32, 1, dict(ALL, with_d=False), {}, id="N32-noD-nsub2"),
+]
+
+
+@pytest.mark.parametrize("batch,dim,length,n,groups,opts,step", STEP_CASES)
+def test_step_kernels(interpreter, batch, dim, length, n, groups, opts, step):
+    interpreter.CONFIG_OVERRIDE.update(step=step, min_programs=1)
+    cfg = interpreter._step_config(dim, n, dim // groups, batch, False, False, torch.device(DEVICE))
+    assert cfg is not None and cfg["NSUB"] == step.get("nsub", 2) and cfg["dbc"] == step.get("dbc", "partial")
+    shape = (batch, groups, n, length)
+    inputs = make_inputs(batch, dim, length, n, b_shape=shape, c_shape=shape)
+    if not opts["softplus"]:
+        inputs[1] = inputs[1].abs() + 0.01
+    got = outputs_and_grads(triton_scan, inputs, **opts)
+    want = outputs_and_grads(selective_scan_ref, inputs, **opts)
+    compare(got, want, torch.float32)
+
+
+def test_step_kernels_are_not_used_where_they_do_not_apply(interpreter):
+    cfg = interpreter._step_config
+    dev = torch.device(DEVICE)
+    assert cfg(64, 16, 64, 2, False, False, dev) is not None
+    assert cfg(64, 16, 64, 2, False, True, dev) is None  # fused cross-scan: time-in-thread kernels
+    assert cfg(64, 16, 64, 2, True, False, dev) is None  # a fixed B or C
+    assert cfg(64, 4, 64, 2, False, False, dev) is None  # N < 8: tile kernels
+    assert cfg(12, 16, 12, 2, False, False, dev) is None  # no 8-channel block fits
+    interpreter.CONFIG_OVERRIDE["path"] = "time"
+    assert cfg(64, 16, 64, 2, False, False, dev) is None
+
+
 @pytest.mark.parametrize("n", [12, 32])
 def test_time_in_thread_padded_and_split_states(interpreter, n):
     # N = 12 pads to 16 (masked states); N = 32 splits a channel's states over two lanes (LN = 2)
+    interpreter.CONFIG_OVERRIDE["path"] = "time"
     inputs = make_inputs(1, 32, 11, n, b_shape=(1, 1, n, 11), c_shape=(1, n, 11))
     assert interpreter._time_in_thread_config(32, n, 32, 1, False, torch.device(DEVICE)) is not None
     got = outputs_and_grads(triton_scan, inputs, **dict(ALL, with_z=False))
@@ -179,9 +217,15 @@ def test_large_delta_stays_finite(interpreter):
     compare(got, want, torch.float32)
 
 
-def test_large_delta_stays_finite_time_in_thread(interpreter):
+@pytest.mark.parametrize("path", ["time", "step"])
+def test_large_delta_stays_finite_n16(interpreter, path):
+    if path == "time":
+        interpreter.CONFIG_OVERRIDE["path"] = "time"
     inputs = make_inputs(1, 8, 20, 16, b_shape=(1, 1, 16, 20), c_shape=(1, 1, 16, 20), delta_scale=80.0)
-    assert interpreter._time_in_thread_config(8, 16, 8, 1, False, torch.device(DEVICE)) is not None
+    if path == "time":
+        assert interpreter._time_in_thread_config(8, 16, 8, 1, False, torch.device(DEVICE)) is not None
+    else:
+        assert interpreter._step_config(8, 16, 8, 1, False, False, torch.device(DEVICE)) is not None
     inputs[1] = inputs[1].abs() + 20
     inputs[2] = inputs[2] * 5
     got = outputs_and_grads(triton_scan, inputs, **dict(ALL, last_state=False))

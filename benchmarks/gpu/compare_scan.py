@@ -2,6 +2,9 @@
 
     python benchmarks/gpu/compare_scan.py --sweep --compare --ss2d --out $OUT
 
+- ``--step``: at the issue's N = 16 shapes, the step kernels (the default for N = 16) in each
+  backward variant (1 or 2 channel blocks per program; dB / dC summed with atomics or per-program
+  partials) against the time-in-thread kernels; writes the fastest variant.
 - ``--sweep``: forward and forward + backward ms of the time-in-thread kernels for several
   (BLOCK_L, LN, NW, cap) launch configurations and of the tile kernels, at N = 16 SS2D shapes.
 - ``--compare``: at the issue's shapes (batch 16, 4 directions, softplus, D, delta_bias): the
@@ -143,6 +146,44 @@ def sweep(rows, configs, repeats):
     return None
 
 
+# the runs of 2026-12-01 (results/scan_triton_step_cuda_2026-12-01.json) measured all six; the
+# shipped STEP_CONFIG is the first
+STEP_VARIANTS = [dict(nsub=2, dbc="partial", stages_fwd=1, stages_bwd=1),
+                 dict(nsub=2, dbc="partial", stages_fwd=2, stages_bwd=2),
+                 dict(nsub=2, dbc="partial", stages_fwd=3, stages_bwd=3),
+                 dict(nsub=2, dbc="atomic", stages_fwd=2, stages_bwd=2),
+                 dict(nsub=1, dbc="partial", stages_fwd=2, stages_bwd=2),
+                 dict(nsub=1, dbc="atomic", stages_fwd=2, stages_bwd=2)]
+
+
+def step_sweep(rows, repeats):
+    shapes = [s for s in ISSUE_SHAPES if s[3] == 16]
+    score = {}
+    for shape in shapes:
+        for variant in [None] + STEP_VARIANTS:
+            st.CONFIG_OVERRIDE.clear()
+            if variant is None:
+                st.CONFIG_OVERRIDE["path"] = "time"
+            else:
+                st.CONFIG_OVERRIDE["step"] = dict(variant)
+            try:
+                times = [time_scan("triton", shape) for _ in range(repeats)]
+                f, fb = min(t[0] for t in times), min(t[1] for t in times)
+            except Exception as err:
+                print("FAIL", label(shape), variant, type(err).__name__, str(err)[:300], flush=True)
+                continue
+            v = variant or {}
+            name = ("time-in-thread" if variant is None else
+                    f"step nsub{v['nsub']} {v['dbc']} stages {v['stages_fwd']}/{v['stages_bwd']}")
+            emit(rows, dict(kind="step", shape=label(shape), kernels=name, fwd_ms=round(f, 4),
+                            fwd_bwd_ms=round(fb, 4)))
+            score.setdefault(name, []).append(fb)
+    st.CONFIG_OVERRIDE.clear()
+    full = {k: sum(v) for k, v in score.items() if len(v) == len(shapes)}
+    if full:
+        emit(rows, dict(kind="step_best", kernels=min(full, key=full.get), summed_fwd_bwd_ms=full))
+
+
 def compare(rows, config):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -215,6 +256,7 @@ def ss2d(rows, config):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--step", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--ss2d", action="store_true")
@@ -227,8 +269,11 @@ def main():
     OUT_DIR[0] = args.out
     rows = [dict(kind="meta", device=torch.cuda.get_device_name(), torch=torch.__version__,
                  triton=__import__("triton").__version__, date=dt.date.today().isoformat(),
-                 shipped_time_config={str(k): v for k, v in st.TIME_IN_THREAD_CONFIG.items()})]
+                 shipped_time_config={str(k): v for k, v in st.TIME_IN_THREAD_CONFIG.items()},
+                 shipped_step_config=dict(st.STEP_CONFIG))]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    if args.step:
+        step_sweep(rows, args.repeats)
     if args.sweep:
         configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";") if c] or TIME_CONFIGS
         config = sweep(rows, configs, args.repeats) or config

@@ -5,7 +5,7 @@ Same signature and semantics as :func:`common.ops.scan_ref.selective_scan_ref` (
 ``B`` / ``C`` fixed ``(dim, N)``, shared ``(batch, N, L)`` or grouped ``(batch, G, N, L)``, and
 gradients for every input, also through ``last_state``.
 
-Two kernel families, chosen per call:
+Three kernel families, chosen per call:
 
 - Tile kernels (N < 8, e.g. MSVM-UNet's N = 1, and fixed B or C). One program per (block of
   ``BLOCK_D`` channels of one B/C group, batch element) walks the sequence in chunks of ``BLOCK_L``
@@ -14,10 +14,17 @@ Two kernel families, chosen per call:
   (first-order linear recurrence), plus the state carried in from the previous chunk; ``y = sum_n C
   * h`` is reduced in registers, so the states never touch memory. Triton's default layout puts the
   time axis across the lanes, so the scans cost shuffles.
-- Time-in-thread kernels (time-varying B and C, 8 <= N <= 32: the N = 16 SS2D scans). 5-D tiles
-  ``(BLOCK_L, N / LN, warps, LN, 32 / LN)`` whose default layout gives each thread all ``BLOCK_L``
-  steps of ``N / LN`` states of one channel: the time scan runs inside the thread. Launch
-  configurations in ``TIME_IN_THREAD_CONFIG`` (measured: benchmarks/README.md).
+- Step kernels (time-varying B and C, 8 <= N <= 32: the N = 16 SS2D scans; the default there).
+  One-warp programs of 8 channels whose tiles are laid out (by the shapes of the loads, which decide
+  Triton's layouts) as 8 channel lanes x 4 state lanes with N / 4 states in each thread, and the time
+  steps inside the thread: the forward reads 4-step vectors and scans them in registers; the
+  backward works on per-step tiles with both recurrences written out (one exp per step, no shifted
+  re-reads, no scan shuffles), two channel blocks per program sharing the B / C loads and the
+  reduction of dB / dC over the channel lanes. ``STEP_CONFIG`` holds the measured choices.
+- Time-in-thread kernels (the fused cross-scan mode, and ``CONFIG_OVERRIDE["path"] = "time"``). 5-D
+  tiles ``(BLOCK_L, N / LN, warps, LN, 32 / LN)``, meant to give each thread all ``BLOCK_L`` steps;
+  compiled, Triton's layout choice puts lanes on the time axis of some of them (benchmarks/README.md).
+  Launch configurations in ``TIME_IN_THREAD_CONFIG``.
 
 Both forwards store the state entering each chunk when a gradient will be needed. The backwards
 walk the chunks in reverse: they recompute the chunk's states from the stored chunk state (scanning
@@ -33,9 +40,9 @@ Fused cross-scan mode (``spatial=(H, W)``, :func:`cross_selective_scan_triton`):
 the ``(B, D, H, W)`` map and the per-direction inputs at the map position of each step of each of
 the four SS2D directions (``_pos``) and write the outputs there: no ``(B, 4, D, L)`` copy.
 
-Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 forward + backward on par
-with mamba-ssm's CUDA kernel (0.80-1.09x), forward 1.1-1.55x faster at long sequences; at N = 1
-0.5-0.8x. The fused cross-scan mode is about 2x slower than the PyTorch cross-scan around the plain
+Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 (step kernels) forward +
+backward 1.16-1.22x faster than mamba-ssm's CUDA kernel at L 3136 and 196, 0.7-0.95x at L 4096 and
+12544; at N = 1 0.4-0.8x. The fused cross-scan mode is about 2x slower than the PyTorch cross-scan around the plain
 scan (column-major steps are W elements apart in memory), so SS2D uses it only when asked.
 
 On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), for tests: if
@@ -608,6 +615,292 @@ def _bwd_kernel_t(
             tl.store(dC_ptr + c_off + p, dC_t, mask=mnt)
 
 
+@triton.jit
+def _split4(x, P: tl.constexpr, Q: tl.constexpr):
+    # the four steps of a (P, Q, 4) chunk tile whose time axis lies inside each thread
+    lo, hi = tl.split(tl.reshape(x, (P, Q, 2, 2)))
+    x0, x2 = tl.split(lo)
+    x1, x3 = tl.split(hi)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _join4(x0, x1, x2, x3, P: tl.constexpr, Q: tl.constexpr):
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (P, Q, 4))
+
+
+@triton.jit(do_not_specialize=["st_n"])
+def _fwd_kernel_s(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, last_ptr, states_ptr, dts_ptr,
+    dim, L, n_state, n_chunks, st_n,
+    sb_batch, sb_group, sb_n, dpg_b,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_STATES: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (BD channels, BN states, 4 steps)
+    # with the time axis last: the loads of B and C (broadcast over the channels) are contiguous 4-step
+    # vectors, so Triton's coalescing gives each thread the 4 steps of BN / 4 states of one channel,
+    # the lanes spread over 8 channels x 4 state groups (the layout the rest follows). The 4-step scan
+    # is written out on the split tile, in registers; y = C h is summed over the states in the thread
+    # and over 4 lanes. With a backward to come, the state entering each chunk and the step sizes dt
+    # (after bias and softplus) are stored.
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    BL: tl.constexpr = 4
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BD
+    dd = d0 + tl.arange(0, BD)[:, None, None]
+    nn = tl.arange(0, BN)[None, :, None]
+    tt = tl.arange(0, BL)[None, None, :]
+    mask_n = nn < n_state
+    A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + dd).to(CDT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + dd).to(CDT)
+    row = (pid_b * dim + dd).to(tl.int64) * L
+    b_off = pid_b * sb_batch + (d0 // dpg_b) * sb_group + nn * sb_n + 0 * dd
+    c_off = pid_b * sc_batch + (d0 // dpg_c) * sc_group + nn * sc_n + 0 * dd
+    h = tl.full((BD, BN), 0.0, dtype=CDT)
+    for c in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+        t = c * BL + tt
+        mask_t = t < L
+        mnt = mask_n & mask_t
+        u = tl.load(u_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
+        dt = tl.load(dt_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
+        if HAS_BIAS:
+            dt = dt + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(mask_t, dt, 0.0)
+        if SAVE_STATES:  # (batch, chunk, dim, N): the state entering the chunk
+            tl.store(states_ptr + ((pid_b * n_chunks + c) * dim + dd) * n_state + nn * st_n, h[:, :, None],
+                     mask=mask_n)
+            tl.store(dts_ptr + row + t, dt, mask=mask_t)
+        a0, a1, a2, a3 = _split4(tl.exp2(dt * A2), BD, BN)
+        b0, b1, b2, b3 = _split4((dt * u) * tl.load(B_ptr + b_off + t, mask=mnt, other=0.0).to(CDT), BD, BN)
+        h0 = a0 * h + b0
+        h1 = a1 * h0 + b1
+        h2 = a2 * h1 + b2
+        h = a3 * h2 + b3
+        hh = _join4(h0, h1, h2, h, BD, BN)
+        y = _sum(hh * tl.load(C_ptr + c_off + t, mask=mnt, other=0.0).to(CDT), 1)[:, None, :]
+        if HAS_D:
+            y = y + u * Dv
+        if HAS_Z:
+            zv = tl.load(z_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
+            y = y * zv / (1.0 + tl.exp(-zv))
+        tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_t)
+    tl.store(last_ptr + (pid_b * dim + dd).to(tl.int64) * n_state + nn, h[:, :, None], mask=mask_n)
+
+
+@triton.jit
+def _s_recompute(h, A2, row, t, L, u_ptr, dts_ptr, Bv, CDT: tl.constexpr):
+    # one step of the forward recurrence from the state h before it: (a h, the new state, a, u, dt)
+    m = (row * 0 + t) < L  # a tensor mask (under the interpreter t is a Python int)
+    u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(CDT)
+    dt = tl.load(dts_ptr + row + t, mask=m, other=0.0)
+    a = tl.exp2(dt * A2)
+    ah = a * h
+    return ah, ah + (dt * u) * Bv, a, u, dt
+
+
+@triton.jit
+def _s_adjoint(
+    g, ah, hh, a, u, dt, Bv, Cv, A, Dv, row, t, L, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr,
+):
+    # one step of the adjoint recurrence, walking back: g carries a[t+1] q[t+1], so
+    # q[t] = C[t] dy[t] + g and the next g = a[t] q[t]; returns g, the step's dB and dC terms (summed
+    # over the channels by the caller) and the per-channel sums
+    m = (row * 0 + t) < L
+    dout = tl.load(dout_ptr + row + t, mask=m, other=0.0).to(CDT)
+    if HAS_Z:
+        zv = tl.load(z_ptr + row + t, mask=m, other=0.0).to(CDT)
+        y = _sum(hh * Cv, 1)[:, None]
+        if HAS_D:
+            y = y + u * Dv
+        sig = 1.0 / (1.0 + tl.exp(-zv))
+        tl.store(dz_ptr + row + t, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=m)
+        dy = dout * zv * sig
+    else:
+        dy = dout
+    q = dy * Cv + g
+    g = a * q
+    pB = q * (dt * u)
+    pC = dy * hh
+    sB = _sum(q * Bv, 1)[:, None]
+    x = q * ah  # d loss / d(dt * A)
+    ddt = sB * u + _sum(x * A, 1)[:, None]
+    dA = dA + x * dt
+    du = sB * dt
+    if HAS_D:
+        du = du + dy * Dv
+        dD = dD + dy * u
+    if SOFTPLUS:  # sigmoid(x) = 1 - exp(-softplus(x)); a series where that cancels
+        ddt = ddt * tl.where(dt < 0.01, dt * (1.0 - dt * (0.5 - dt / 6.0)), 1.0 - tl.exp(-dt))
+    ddt = tl.where(m, ddt, 0.0)
+    dbias = dbias + ddt
+    tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=m)
+    tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+    return g, pB, pC, dA, dD, dbias
+
+
+@triton.jit
+def _s_block(
+    g, dA, dD, dbias, A, Dv, d0, pid_b, c, n_chunks, dim, L, n_state, st_n, mask_n,
+    B0, B1, B2, B3, C0, C1, C2, C3,
+    u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
+    BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    # one block of BD channels through one 4-step chunk: the states from the stored chunk state, then
+    # the adjoint steps in reverse
+    dd = d0 + tl.arange(0, BD)[:, None]
+    nn = tl.arange(0, BN)[None, :]
+    row = (pid_b * dim + dd).to(tl.int64) * L
+    t0 = c * 4
+    # st_n = 1, passed unspecialized: the state tile is then read in the compute layout, not as vectors
+    h = tl.load(states_ptr + ((pid_b * n_chunks + c) * dim + dd) * n_state + nn * st_n, mask=mask_n, other=0.0)
+    A2 = A * _LOG2E
+    ah0, h0, a0, u0, dt0 = _s_recompute(h, A2, row, t0, L, u_ptr, dts_ptr, B0, CDT)
+    ah1, h1, a1, u1, dt1 = _s_recompute(h0, A2, row, t0 + 1, L, u_ptr, dts_ptr, B1, CDT)
+    ah2, h2, a2, u2, dt2 = _s_recompute(h1, A2, row, t0 + 2, L, u_ptr, dts_ptr, B2, CDT)
+    ah3, h3, a3, u3, dt3 = _s_recompute(h2, A2, row, t0 + 3, L, u_ptr, dts_ptr, B3, CDT)
+    g, pB3, pC3, dA, dD, dbias = _s_adjoint(g, ah3, h3, a3, u3, dt3, B3, C3, A, Dv, row, t0 + 3, L, z_ptr, dout_ptr,
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+    g, pB2, pC2, dA, dD, dbias = _s_adjoint(g, ah2, h2, a2, u2, dt2, B2, C2, A, Dv, row, t0 + 2, L, z_ptr, dout_ptr,
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+    g, pB1, pC1, dA, dD, dbias = _s_adjoint(g, ah1, h1, a1, u1, dt1, B1, C1, A, Dv, row, t0 + 1, L, z_ptr, dout_ptr,
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+    g, pB0, pC0, dA, dD, dbias = _s_adjoint(g, ah0, h0, a0, u0, dt0, B0, C0, A, Dv, row, t0, L, z_ptr, dout_ptr,
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+    return g, dA, dD, dbias, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3
+
+
+@triton.jit
+def _s_load_bc(ptr, off, t, L, mask_n, CDT: tl.constexpr):
+    return tl.load(ptr + off + t, mask=mask_n & (off * 0 + t < L), other=0.0).to(CDT)
+
+
+@triton.jit
+def _s_put(ptr, off, first, t, L, mask_n, val, ATOMIC: tl.constexpr):
+    # a time-varying dB / dC step, summed over the program's channels; written from the full-shape tile
+    # (off, first: (BD, BN)), so that it keeps the compute layout: a store from every channel lane (the
+    # same value to the same address), or an atomic from the first channel's lanes
+    v = _sum(val, 0)[None, :] + 0.0 * val
+    if ATOMIC:
+        tl.atomic_add(ptr + off + t, v, mask=first & mask_n & (off * 0 + t < L), sem="relaxed")
+    else:
+        tl.store(ptr + off + t, v, mask=mask_n & (off * 0 + t < L))
+
+
+@triton.jit(do_not_specialize=["st_n"])
+def _bwd_kernel_s(
+    u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+    states_ptr, dts_ptr, dout_ptr, q_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    dim, L, n_state, n_chunks, st_n, part_b, part_c,
+    sb_batch, sb_group, sb_n, dpg_b,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    # "step" backward. Per-step (BD, BN) tiles: nothing has a time axis, so the layout is the same
+    # everywhere (8 channel lanes x 4 state lanes, BN / 4 states in each thread) and both recurrences
+    # are plain register updates: per 4-step chunk, the states are recomputed forward from the stored
+    # chunk state (a h[t-1] formed directly, one exp per step) and the adjoint walks back. A program
+    # owns NSUB (1 or 2) blocks of BD channels of one B and one C group; they share the B / C loads,
+    # and their dB / dC terms are summed before the reduction over the channel lanes, which is stored
+    # per step (or added with relaxed atomics when several programs share a group). The carries (the
+    # adjoint g = a q, and the sums dA, dD, d delta_bias) stay in registers; q_ptr holds the gradient
+    # of last_state (or zeros). Without atomics and with several programs in a group, each writes its
+    # own partial dB / dC slab (part_b / part_c elements apart), summed afterwards.
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    p0 = pid * NSUB * BD
+    dl = tl.arange(0, BD)[:, None]
+    nn = tl.arange(0, BN)[None, :]
+    mask_n = nn < n_state
+    b_off = pid_b * sb_batch + (p0 // dpg_b) * sb_group + nn * sb_n
+    c_off = pid_b * sc_batch + (p0 // dpg_c) * sc_group + nn * sc_n
+    b_full = b_off + 0 * dl  # B / C read and dB / dC written at the tiles' full shape: one layout
+    c_full = c_off + 0 * dl
+    b_put = b_full
+    c_put = c_full
+    if not B_ATOMIC:
+        b_put = b_full + ((p0 % dpg_b) // (NSUB * BD)).to(tl.int64) * part_b
+    if not C_ATOMIC:
+        c_put = c_full + ((p0 % dpg_c) // (NSUB * BD)).to(tl.int64) * part_c
+    first = dl == 0
+    da = p0 + dl
+    A_a = tl.load(A_ptr + da * n_state + nn, mask=mask_n, other=0.0).to(CDT)
+    D_a = tl.full((BD, 1), 0.0, dtype=CDT)
+    if HAS_D:
+        D_a = tl.load(D_ptr + da).to(CDT)
+    g_a = tl.load(q_ptr + (pid_b * dim + da) * n_state + nn, mask=mask_n, other=0.0)
+    dA_a = tl.full((BD, BN), 0.0, dtype=CDT)
+    dD_a = tl.full((BD, 1), 0.0, dtype=CDT)
+    db_a = tl.full((BD, 1), 0.0, dtype=CDT)
+    if NSUB == 2:
+        db2 = p0 + BD + dl
+        A_b = tl.load(A_ptr + db2 * n_state + nn, mask=mask_n, other=0.0).to(CDT)
+        D_b = tl.full((BD, 1), 0.0, dtype=CDT)
+        if HAS_D:
+            D_b = tl.load(D_ptr + db2).to(CDT)
+        g_b = tl.load(q_ptr + (pid_b * dim + db2) * n_state + nn, mask=mask_n, other=0.0)
+        dA_b = tl.full((BD, BN), 0.0, dtype=CDT)
+        dD_b = tl.full((BD, 1), 0.0, dtype=CDT)
+        db_b = tl.full((BD, 1), 0.0, dtype=CDT)
+    for i in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+        c = n_chunks - 1 - i
+        t0 = c * 4
+        B0 = _s_load_bc(B_ptr, b_full, t0, L, mask_n, CDT)
+        B1 = _s_load_bc(B_ptr, b_full, t0 + 1, L, mask_n, CDT)
+        B2 = _s_load_bc(B_ptr, b_full, t0 + 2, L, mask_n, CDT)
+        B3 = _s_load_bc(B_ptr, b_full, t0 + 3, L, mask_n, CDT)
+        C0 = _s_load_bc(C_ptr, c_full, t0, L, mask_n, CDT)
+        C1 = _s_load_bc(C_ptr, c_full, t0 + 1, L, mask_n, CDT)
+        C2 = _s_load_bc(C_ptr, c_full, t0 + 2, L, mask_n, CDT)
+        C3 = _s_load_bc(C_ptr, c_full, t0 + 3, L, mask_n, CDT)
+        g_a, dA_a, dD_a, db_a, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3 = _s_block(
+            g_a, dA_a, dD_a, db_a, A_a, D_a, p0, pid_b, c, n_chunks, dim, L, n_state, st_n, mask_n,
+            B0, B1, B2, B3, C0, C1, C2, C3, u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
+            BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT)
+        if NSUB == 2:
+            g_b, dA_b, dD_b, db_b, qB0, qB1, qB2, qB3, qC0, qC1, qC2, qC3 = _s_block(
+                g_b, dA_b, dD_b, db_b, A_b, D_b, p0 + BD, pid_b, c, n_chunks, dim, L, n_state, st_n, mask_n,
+                B0, B1, B2, B3, C0, C1, C2, C3, u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr,
+                dz_ptr, BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT)
+            pB0, pB1, pB2, pB3 = pB0 + qB0, pB1 + qB1, pB2 + qB2, pB3 + qB3
+            pC0, pC1, pC2, pC3 = pC0 + qC0, pC1 + qC1, pC2 + qC2, pC3 + qC3
+        _s_put(dB_ptr, b_put, first, t0, L, mask_n, pB0, B_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0 + 1, L, mask_n, pB1, B_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0 + 2, L, mask_n, pB2, B_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0 + 3, L, mask_n, pB3, B_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0, L, mask_n, pC0, C_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0 + 1, L, mask_n, pC1, C_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0 + 2, L, mask_n, pC2, C_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0 + 3, L, mask_n, pC3, C_ATOMIC)
+    bda = pid_b * dim + da
+    tl.store(dA_ptr + bda * n_state + nn, dA_a, mask=mask_n)
+    if HAS_D:
+        tl.store(dD_ptr + bda, dD_a)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + bda, db_a)
+    if NSUB == 2:
+        bdb = pid_b * dim + db2
+        tl.store(dA_ptr + bdb * n_state + nn, dA_b, mask=mask_n)
+        if HAS_D:
+            tl.store(dD_ptr + bdb, dD_b)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + bdb, db_b)
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap that divides n."""
     p = 1
@@ -696,6 +989,34 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
     return dict(BLOCK_L=bl, LN=ln, NW=nw, n_sub=n_sub, BDP=bdp)
 
 
+# The step kernels' channel blocks per backward program (1 or 2), how the time-varying dB / dC of a
+# group that several programs share is summed ("atomic": relaxed float atomics; "partial": one slab
+# per program, summed afterwards) and the chunk loops' software-pipelining stages (Triton's cp.async
+# prefetch). Chosen on an H200 over the issue's N = 16 shapes (benchmarks/README.md): 2 blocks and
+# partials were fastest; 2 or 3 stages made the forward 2.6-3x slower.
+STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1}
+
+
+def _step_config(dim, n_state, gdims, batch, any_fixed, spatial, device):
+    """Launch parameters of the step kernels, or None where they do not apply.
+
+    They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
+    mode, when 8-channel blocks fit the groups. Returns dict(BD, NSUB, dbc). ``NSUB`` is 2 where two
+    blocks fit a group and the grid keeps at least ``min_programs`` (default 5 per multiprocessor)
+    programs, else 1.
+    """
+    bn = triton.next_power_of_2(n_state)
+    path = CONFIG_OVERRIDE.get("path")
+    if any_fixed or spatial or bn < 8 or bn > 32 or path in ("tile", "time") or gdims % 8:
+        return None
+    conf = dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))
+    nsub = conf["nsub"]
+    target = CONFIG_OVERRIDE.get("min_programs", 5 * _sm_count(device))
+    if nsub == 2 and (gdims % 16 or (dim // 16) * batch < target):
+        nsub = 1
+    return dict(BD=8, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"])
+
+
 class SelectiveScanTriton(torch.autograd.Function):
     """Autograd function of both kernel families; ``spatial=(H, W)`` is the fused cross-scan mode.
 
@@ -723,7 +1044,9 @@ class SelectiveScanTriton(torch.autograd.Function):
         geometry = (u_dim, height, width)
         strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
         save = any(ctx.needs_input_grad[:8])
-        tcfg = _time_in_thread_config(dim, n_state, gdims, batch, b_fixed or c_fixed, u.device)
+        scfg = _step_config(dim, n_state, gdims, batch, b_fixed or c_fixed, spatial is not None, u.device)
+        tcfg = None if scfg is not None else _time_in_thread_config(dim, n_state, gdims, batch, b_fixed or c_fixed,
+                                                                     u.device)
         bn = triton.next_power_of_2(n_state)
         opts = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                     SOFTPLUS=bool(delta_softplus), SAVE_STATES=save, FP64=fp64, SPATIAL=spatial is not None)
@@ -732,7 +1055,19 @@ class SelectiveScanTriton(torch.autograd.Function):
                     delta_bias if delta_bias is not None else dummy)
         out = torch.empty_like(delta, dtype=u.dtype)
         last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
-        if tcfg is not None:
+        if scfg is not None:
+            bl = 4
+            n_chunks = triton.cdiv(length, bl)
+            states = torch.empty(batch, n_chunks, dim, n_state, dtype=cdt, device=u.device) if save else last
+            dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
+            step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
+            _fwd_kernel_s[(dim // scfg["BD"], batch)](
+                u, delta, A, Bc, Cc, *optional, out, last, states, dts,
+                dim, length, n_state, n_chunks, 1, *strides, **step_opts, BD=scfg["BD"], BN=bn,
+                NUM_STAGES=scfg["stages_fwd"], num_warps=1,
+            )
+            saved = (states, dts)
+        elif tcfg is not None:
             bl, ln, nw = tcfg["BLOCK_L"], tcfg["LN"], tcfg["NW"]
             n_chunks = triton.cdiv(length, bl)
             states = torch.empty(batch, n_chunks, dim, n_state, dtype=cdt, device=u.device) if save else last
@@ -758,6 +1093,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             ctx.delta_softplus = bool(delta_softplus)
             ctx.fwd_chunk = bl
             ctx.tcfg = tcfg
+            ctx.scfg = scfg
             ctx.geometry = geometry
             ctx.spatial = spatial is not None
         if not return_last_state:
@@ -786,8 +1122,39 @@ class SelectiveScanTriton(torch.autograd.Function):
         dummy = u
         opts = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                     SOFTPLUS=ctx.delta_softplus, FP64=fp64, SPATIAL=ctx.spatial)
-        tcfg = ctx.tcfg
-        if tcfg is not None:
+        tcfg, scfg = ctx.tcfg, ctx.scfg
+        if scfg is not None:
+            states, dts = saved
+            span = scfg["NSUB"] * scfg["BD"]  # channels per program
+            q = (dlast.to(cdt).contiguous() if dlast is not None
+                 else torch.zeros(batch, dim, n_state, dtype=cdt, device=dev))
+            dA_part = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+
+            def grad_buffer(x, dpg):  # (buffer, atomic, parts, part stride)
+                parts = dpg // span
+                if parts == 1:
+                    return torch.empty(x.shape, dtype=cdt, device=dev), False, 1, 0
+                if scfg["dbc"] == "atomic":
+                    return torch.zeros(x.shape, dtype=cdt, device=dev), True, 1, 0
+                return torch.empty((parts, *x.shape), dtype=cdt, device=dev), False, parts, x.numel()
+
+            dB, b_atomic, b_parts, part_b = grad_buffer(Bc, dpg_b)
+            dC, c_atomic, c_parts, part_c = grad_buffer(Cc, dpg_c)
+            dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
+            dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
+            step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
+            _bwd_kernel_s[(dim // span, batch)](
+                u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy,
+                states, dts, dout, q,
+                du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
+                dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+                dim, length, n_state, n_chunks, 1, part_b, part_c, *strides, **step_opts,
+                B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD"], BN=bn, NSUB=scfg["NSUB"],
+                NUM_STAGES=scfg["stages_bwd"], num_warps=1,
+            )
+            dB = dB.sum(0) if b_parts > 1 else dB
+            dC = dC.sum(0) if c_parts > 1 else dC
+        elif tcfg is not None:
             states, dts = saved
             ln, nw, n_sub = tcfg["LN"], tcfg["NW"], tcfg["n_sub"]
             span = n_sub * tcfg["BDP"]  # channels per program
