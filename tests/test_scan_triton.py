@@ -153,12 +153,16 @@ def test_time_in_thread_configs(interpreter, config, dim, min_programs):
 
 # step kernels (the default for time-varying B / C, 8 <= N <= 32): (batch, dim, L, N, groups, options,
 # STEP_CONFIG override). Partial chunks (L % 4), padded states (N 12), N 32, z, no D, one and two
-# channel blocks per program, and dB / dC summed by per-program partials and by atomics.
+# channel blocks per program, dB / dC summed by per-program partials and by atomics, and the chunk
+# states stored every 1, 2 (default) and 4 chunks.
 STEP_CASES = [
     pytest.param(1, 16, 11, 16, 1, ALL, {}, id="z-L11"),
     pytest.param(2, 32, 9, 16, 2, dict(ALL, with_z=False), {"nsub": 1}, id="groups-nsub1-partials"),
     pytest.param(1, 32, 8, 12, 1, NONE, {"dbc": "atomic"}, id="N12-bare-atomics"),
     pytest.param(1, 32, 6, 32, 1, dict(ALL, with_d=False), {}, id="N32-noD-nsub2"),
+    # the state stored every chunk, and every 4th (the backward advances it over up to 3 chunks)
+    pytest.param(1, 16, 21, 16, 1, dict(ALL, with_z=False), {"save_every": 1}, id="save-every-chunk"),
+    pytest.param(1, 16, 21, 16, 1, dict(ALL, with_z=False), {"save_every": 4}, id="save-every-4th"),
 ]
 
 

@@ -146,14 +146,9 @@ def sweep(rows, configs, repeats):
     return None
 
 
-# the runs of 2026-12-01 (results/scan_triton_step_cuda_2026-12-01.json) measured all six; the
-# shipped STEP_CONFIG is the first
-STEP_VARIANTS = [dict(nsub=2, dbc="partial", stages_fwd=1, stages_bwd=1),
-                 dict(nsub=2, dbc="partial", stages_fwd=2, stages_bwd=2),
-                 dict(nsub=2, dbc="partial", stages_fwd=3, stages_bwd=3),
-                 dict(nsub=2, dbc="atomic", stages_fwd=2, stages_bwd=2),
-                 dict(nsub=1, dbc="partial", stages_fwd=2, stages_bwd=2),
-                 dict(nsub=1, dbc="atomic", stages_fwd=2, stages_bwd=2)]
+# (the runs of 2026-12-01, results/scan_triton_step_cuda_2026-12-01.json, also measured 1 block,
+# atomics and 2-3 pipelining stages: all slower)
+STEP_VARIANTS = [dict(nsub=2, dbc="partial", stages_fwd=1, stages_bwd=1, save_every=e) for e in (1, 2, 4)]
 
 
 def step_sweep(rows, repeats):
@@ -174,7 +169,8 @@ def step_sweep(rows, repeats):
                 continue
             v = variant or {}
             name = ("time-in-thread" if variant is None else
-                    f"step nsub{v['nsub']} {v['dbc']} stages {v['stages_fwd']}/{v['stages_bwd']}")
+                    f"step nsub{v['nsub']} {v['dbc']} stages {v['stages_fwd']}/{v['stages_bwd']} "
+                    f"save_every {v.get('save_every', 1)}")
             emit(rows, dict(kind="step", shape=label(shape), kernels=name, fwd_ms=round(f, 4),
                             fwd_bwd_ms=round(fb, 4)))
             score.setdefault(name, []).append(fb)
@@ -257,6 +253,8 @@ def ss2d(rows, config):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--step", action="store_true")
+    ap.add_argument("--step-config", default="", help="JSON merged into the step kernels' STEP_CONFIG, e.g. "
+                                                     "'{\"save_every\": 1}'")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--ss2d", action="store_true")
@@ -267,6 +265,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
     OUT_DIR[0] = args.out
+    if args.step_config:
+        st.STEP_CONFIG.update(json.loads(args.step_config))
     rows = [dict(kind="meta", device=torch.cuda.get_device_name(), torch=torch.__version__,
                  triton=__import__("triton").__version__, date=dt.date.today().isoformat(),
                  shipped_time_config={str(k): v for k, v in st.TIME_IN_THREAD_CONFIG.items()},

@@ -20,7 +20,8 @@ Three kernel families, chosen per call:
   steps inside the thread: the forward reads 4-step vectors and scans them in registers; the
   backward works on per-step tiles with both recurrences written out (one exp per step, no shifted
   re-reads, no scan shuffles), two channel blocks per program sharing the B / C loads and the
-  reduction of dB / dC over the channel lanes. ``STEP_CONFIG`` holds the measured choices.
+  reduction of dB / dC over the channel lanes. The forward stores the state every 8 steps (twice
+  ``u``'s size in float32 at N = 16). ``STEP_CONFIG`` holds the measured choices.
 - Time-in-thread kernels (the fused cross-scan mode, and ``CONFIG_OVERRIDE["path"] = "time"``). 5-D
   tiles ``(BLOCK_L, N / LN, warps, LN, 32 / LN)``, meant to give each thread all ``BLOCK_L`` steps;
   compiled, Triton's layout choice puts lanes on the time axis of some of them (benchmarks/README.md).
@@ -633,19 +634,20 @@ def _join4(x0, x1, x2, x3, P: tl.constexpr, Q: tl.constexpr):
 def _fwd_kernel_s(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, states_ptr, dts_ptr,
-    dim, L, n_state, n_chunks, st_n,
+    dim, L, n_state, n_chunks, n_saved, st_n,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SAVE_EVERY: tl.constexpr,
 ):
     # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (BD channels, BN states, 4 steps)
     # with the time axis last: the loads of B and C (broadcast over the channels) are contiguous 4-step
     # vectors, so Triton's coalescing gives each thread the 4 steps of BN / 4 states of one channel,
     # the lanes spread over 8 channels x 4 state groups (the layout the rest follows). The 4-step scan
     # is written out on the split tile, in registers; y = C h is summed over the states in the thread
-    # and over 4 lanes. With a backward to come, the state entering each chunk and the step sizes dt
-    # (after bias and softplus) are stored.
+    # and over 4 lanes. With a backward to come, the state entering every SAVE_EVERY-th chunk and the
+    # step sizes dt (after bias and softplus) are stored.
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     BL: tl.constexpr = 4
     pid_d = tl.program_id(0)
@@ -675,9 +677,10 @@ def _fwd_kernel_s(
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(mask_t, dt, 0.0)
-        if SAVE_STATES:  # (batch, chunk, dim, N): the state entering the chunk
-            tl.store(states_ptr + ((pid_b * n_chunks + c) * dim + dd) * n_state + nn * st_n, h[:, :, None],
-                     mask=mask_n)
+        if SAVE_STATES:  # (batch, chunk // SAVE_EVERY, dim, N): the state entering the chunk
+            if c % SAVE_EVERY == 0:
+                tl.store(states_ptr + ((pid_b * n_saved + c // SAVE_EVERY) * dim + dd) * n_state + nn * st_n,
+                         h[:, :, None], mask=mask_n)
             tl.store(dts_ptr + row + t, dt, mask=mask_t)
         a0, a1, a2, a3 = _split4(tl.exp2(dt * A2), BD, BN)
         b0, b1, b2, b3 = _split4((dt * u) * tl.load(B_ptr + b_off + t, mask=mnt, other=0.0).to(CDT), BD, BN)
@@ -750,21 +753,28 @@ def _s_adjoint(
 
 @triton.jit
 def _s_block(
-    g, dA, dD, dbias, A, Dv, d0, pid_b, c, n_chunks, dim, L, n_state, st_n, mask_n,
-    B0, B1, B2, B3, C0, C1, C2, C3,
+    g, dA, dD, dbias, A, Dv, d0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
+    B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
     u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
     BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CDT: tl.constexpr,
+    CDT: tl.constexpr, SAVE_EVERY: tl.constexpr,
 ):
-    # one block of BD channels through one 4-step chunk: the states from the stored chunk state, then
-    # the adjoint steps in reverse
+    # one block of BD channels through one 4-step chunk: the states from the stored state (advanced
+    # over the chunks since it, when the forward stored every SAVE_EVERY-th), then the adjoint steps in
+    # reverse
     dd = d0 + tl.arange(0, BD)[:, None]
     nn = tl.arange(0, BN)[None, :]
     row = (pid_b * dim + dd).to(tl.int64) * L
     t0 = c * 4
     # st_n = 1, passed unspecialized: the state tile is then read in the compute layout, not as vectors
-    h = tl.load(states_ptr + ((pid_b * n_chunks + c) * dim + dd) * n_state + nn * st_n, mask=mask_n, other=0.0)
+    h = tl.load(states_ptr + ((pid_b * n_saved + c // SAVE_EVERY) * dim + dd) * n_state + nn * st_n, mask=mask_n,
+                other=0.0)
     A2 = A * _LOG2E
+    if SAVE_EVERY > 1:
+        for k in range(c - c % SAVE_EVERY, c):
+            for j in tl.static_range(4):
+                Bk = _s_load_bc(B_ptr, b_full, k * 4 + j, L, mask_n, CDT)
+                _, h, _, _, _ = _s_recompute(h, A2, row, k * 4 + j, L, u_ptr, dts_ptr, Bk, CDT)
     ah0, h0, a0, u0, dt0 = _s_recompute(h, A2, row, t0, L, u_ptr, dts_ptr, B0, CDT)
     ah1, h1, a1, u1, dt1 = _s_recompute(h0, A2, row, t0 + 1, L, u_ptr, dts_ptr, B1, CDT)
     ah2, h2, a2, u2, dt2 = _s_recompute(h1, A2, row, t0 + 2, L, u_ptr, dts_ptr, B2, CDT)
@@ -802,12 +812,12 @@ def _bwd_kernel_s(
     u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
     states_ptr, dts_ptr, dout_ptr, q_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    dim, L, n_state, n_chunks, st_n, part_b, part_c,
+    dim, L, n_state, n_chunks, n_saved, st_n, part_b, part_c,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr, SAVE_EVERY: tl.constexpr,
 ):
     # "step" backward. Per-step (BD, BN) tiles: nothing has a time axis, so the layout is the same
     # everywhere (8 channel lanes x 4 state lanes, BN / 4 states in each thread) and both recurrences
@@ -868,14 +878,16 @@ def _bwd_kernel_s(
         C2 = _s_load_bc(C_ptr, c_full, t0 + 2, L, mask_n, CDT)
         C3 = _s_load_bc(C_ptr, c_full, t0 + 3, L, mask_n, CDT)
         g_a, dA_a, dD_a, db_a, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3 = _s_block(
-            g_a, dA_a, dD_a, db_a, A_a, D_a, p0, pid_b, c, n_chunks, dim, L, n_state, st_n, mask_n,
-            B0, B1, B2, B3, C0, C1, C2, C3, u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-            BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT)
+            g_a, dA_a, dD_a, db_a, A_a, D_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
+            B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
+            u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
+            BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY)
         if NSUB == 2:
             g_b, dA_b, dD_b, db_b, qB0, qB1, qB2, qB3, qC0, qC1, qC2, qC3 = _s_block(
-                g_b, dA_b, dD_b, db_b, A_b, D_b, p0 + BD, pid_b, c, n_chunks, dim, L, n_state, st_n, mask_n,
-                B0, B1, B2, B3, C0, C1, C2, C3, u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr,
-                dz_ptr, BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT)
+                g_b, dA_b, dD_b, db_b, A_b, D_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
+                B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
+                u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
+                BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY)
             pB0, pB1, pB2, pB3 = pB0 + qB0, pB1 + qB1, pB2 + qB2, pB3 + qB3
             pC0, pC1, pC2, pC3 = pC0 + qC0, pC1 + qC1, pC2 + qC2, pC3 + qC3
         _s_put(dB_ptr, b_put, first, t0, L, mask_n, pB0, B_ATOMIC)
@@ -991,10 +1003,13 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 
 # The step kernels' channel blocks per backward program (1 or 2), how the time-varying dB / dC of a
 # group that several programs share is summed ("atomic": relaxed float atomics; "partial": one slab
-# per program, summed afterwards) and the chunk loops' software-pipelining stages (Triton's cp.async
-# prefetch). Chosen on an H200 over the issue's N = 16 shapes (benchmarks/README.md): 2 blocks and
-# partials were fastest; 2 or 3 stages made the forward 2.6-3x slower.
-STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1}
+# per program, summed afterwards), the chunk loops' software-pipelining stages (Triton's cp.async
+# prefetch) and how often the forward stores the state (every "save_every"-th 4-step chunk; the
+# backward advances it over the chunks in between). Chosen on an H200 over the issue's N = 16 shapes
+# (benchmarks/README.md): 2 blocks and partials were fastest; 2 or 3 stages made the forward 2.6-3x
+# slower; storing every 2nd chunk costs 6 % of the scan time against every chunk and halves the
+# states' memory (Mamba-HUNet training peak 18.5 instead of 22.6 GiB in float32).
+STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2}
 
 
 def _step_config(dim, n_state, gdims, batch, any_fixed, spatial, device):
@@ -1014,7 +1029,8 @@ def _step_config(dim, n_state, gdims, batch, any_fixed, spatial, device):
     target = CONFIG_OVERRIDE.get("min_programs", 5 * _sm_count(device))
     if nsub == 2 and (gdims % 16 or (dim // 16) * batch < target):
         nsub = 1
-    return dict(BD=8, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"])
+    return dict(BD=8, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
+                save_every=conf["save_every"])
 
 
 class SelectiveScanTriton(torch.autograd.Function):
@@ -1056,15 +1072,16 @@ class SelectiveScanTriton(torch.autograd.Function):
         out = torch.empty_like(delta, dtype=u.dtype)
         last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
         if scfg is not None:
-            bl = 4
+            bl, every = 4, scfg["save_every"]
             n_chunks = triton.cdiv(length, bl)
-            states = torch.empty(batch, n_chunks, dim, n_state, dtype=cdt, device=u.device) if save else last
+            n_saved = triton.cdiv(n_chunks, every)
+            states = torch.empty(batch, n_saved, dim, n_state, dtype=cdt, device=u.device) if save else last
             dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
             step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
             _fwd_kernel_s[(dim // scfg["BD"], batch)](
                 u, delta, A, Bc, Cc, *optional, out, last, states, dts,
-                dim, length, n_state, n_chunks, 1, *strides, **step_opts, BD=scfg["BD"], BN=bn,
-                NUM_STAGES=scfg["stages_fwd"], num_warps=1,
+                dim, length, n_state, n_chunks, n_saved, 1, *strides, **step_opts, BD=scfg["BD"], BN=bn,
+                NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, num_warps=1,
             )
             saved = (states, dts)
         elif tcfg is not None:
@@ -1148,9 +1165,9 @@ class SelectiveScanTriton(torch.autograd.Function):
                 states, dts, dout, q,
                 du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
                 dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-                dim, length, n_state, n_chunks, 1, part_b, part_c, *strides, **step_opts,
+                dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, *strides, **step_opts,
                 B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD"], BN=bn, NSUB=scfg["NSUB"],
-                NUM_STAGES=scfg["stages_bwd"], num_warps=1,
+                NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], num_warps=1,
             )
             dB = dB.sum(0) if b_parts > 1 else dB
             dC = dC.sum(0) if c_parts > 1 else dC
