@@ -142,14 +142,14 @@ def main(argv=None):
                     help="torch.compile the network with this mode")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--graph-train", action="store_true", help="replay the whole training step from a CUDA graph")
-    ap.add_argument("--time-config", default="", help="triton time-in-thread kernels' BLOCK_L,LN,NW,cap")
+    ap.add_argument("--time-config", default="", help="use the triton time-in-thread kernels, BLOCK_L,LN,NW,cap")
     ap.add_argument("--step-config", default="", help="JSON merged into the triton step kernels' STEP_CONFIG")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for float32 matmuls / convolutions")
     args = ap.parse_args(argv)
     if args.time_config:
         from common.ops import scan_triton
 
-        scan_triton.CONFIG_OVERRIDE["time"] = tuple(int(x) for x in args.time_config.split(","))
+        scan_triton.CONFIG_OVERRIDE.update(time=tuple(int(x) for x in args.time_config.split(",")), path="time")
     if args.step_config:
         from common.ops import scan_triton
 

@@ -115,12 +115,12 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--configs", default="")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (compiles cost seconds each)")
-    ap.add_argument("--time-config", default="", help="time-in-thread kernels' BLOCK_L,LN,NW,cap for --check")
+    ap.add_argument("--time-config", default="", help="--check the time-in-thread kernels with BLOCK_L,LN,NW,cap")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
     rows = []
     if args.time_config:
-        st.CONFIG_OVERRIDE["time"] = tuple(int(x) for x in args.time_config.split(","))
+        st.CONFIG_OVERRIDE.update(time=tuple(int(x) for x in args.time_config.split(",")), path="time")
     if args.check:
         f32, bf = torch.float32, torch.bfloat16
         small = [(2, 2, 1, 16, f32, True, True, "ref"), (2, 4, 100, 4, f32, True, True, "ref"),

@@ -114,21 +114,30 @@ def label(shape):
     return f"b{b} d{d} L{length} N{n} {str(dtype).split('.')[-1]}"
 
 
+def time_with(shape, override, repeats):
+    """Fastest (forward, forward + backward) ms of the triton backend over ``repeats`` timings with
+    ``CONFIG_OVERRIDE`` set to ``override``; None for a configuration that does not compile or runs out
+    of resources."""
+    st.CONFIG_OVERRIDE.clear()
+    st.CONFIG_OVERRIDE.update(override)
+    try:
+        times = [time_scan("triton", shape) for _ in range(repeats)]
+    except Exception as err:
+        print("FAIL", label(shape), override, type(err).__name__, str(err)[:300], flush=True)
+        return None
+    finally:
+        st.CONFIG_OVERRIDE.clear()
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
 def sweep(rows, configs, repeats):
     best = {}
     for shape in SWEEP_SHAPES:
         for cfg in [None] + configs:
-            st.CONFIG_OVERRIDE.clear()
-            if cfg is None:
-                st.CONFIG_OVERRIDE["path"] = "tile"
-            else:
-                st.CONFIG_OVERRIDE["time"] = cfg
-            try:
-                times = [time_scan("triton", shape) for _ in range(repeats)]  # the fastest of the repeats
-                f, fb = min(t[0] for t in times), min(t[1] for t in times)
-            except Exception as err:  # a configuration that does not compile or runs out of resources
-                print("FAIL", label(shape), cfg, type(err).__name__, str(err)[:300], flush=True)
+            timed = time_with(shape, {"path": "tile"} if cfg is None else {"time": cfg, "path": "time"}, repeats)
+            if timed is None:
                 continue
+            f, fb = timed
             row = dict(kind="sweep", shape=label(shape), kernels="tile" if cfg is None else "time",
                        config=cfg, fwd_ms=round(f, 4), fwd_bwd_ms=round(fb, 4))
             emit(rows, row)
@@ -156,17 +165,10 @@ def step_sweep(rows, repeats):
     score = {}
     for shape in shapes:
         for variant in [None] + STEP_VARIANTS:
-            st.CONFIG_OVERRIDE.clear()
-            if variant is None:
-                st.CONFIG_OVERRIDE["path"] = "time"
-            else:
-                st.CONFIG_OVERRIDE["step"] = dict(variant)
-            try:
-                times = [time_scan("triton", shape) for _ in range(repeats)]
-                f, fb = min(t[0] for t in times), min(t[1] for t in times)
-            except Exception as err:
-                print("FAIL", label(shape), variant, type(err).__name__, str(err)[:300], flush=True)
+            timed = time_with(shape, {"path": "time"} if variant is None else {"step": dict(variant)}, repeats)
+            if timed is None:
                 continue
+            f, fb = timed
             v = variant or {}
             name = ("time-in-thread" if variant is None else
                     f"step nsub{v['nsub']} {v['dbc']} stages {v['stages_fwd']}/{v['stages_bwd']} "
@@ -185,7 +187,7 @@ def compare(rows, config):
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     emit(rows, dict(kind="bandwidth", tb_s=round(bw / 1e12, 3)))
     if config is not None:
-        st.CONFIG_OVERRIDE["time"] = tuple(config)
+        st.CONFIG_OVERRIDE.update(time=tuple(config), path="time")  # a time-in-thread config: that path
     have_mamba = "mamba_ssm" in available_backends("cuda")
     for shape in ISSUE_SHAPES:
         f, fb = time_scan("triton", shape)
@@ -229,7 +231,7 @@ def ss2d(rows, config):
     from common.networks.blocks import SS2D
 
     if config is not None:
-        st.CONFIG_OVERRIDE["time"] = tuple(config)
+        st.CONFIG_OVERRIDE.update(time=tuple(config), path="time")  # a time-in-thread config: that path
     variants = [("triton", False, "triton unfused"), ("triton", True, "triton fused")]
     if "mamba_ssm" in available_backends("cuda"):
         variants.append(("mamba_ssm", False, "mamba_ssm + torch cross-scan"))
@@ -258,8 +260,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--ss2d", action="store_true")
-    ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap (default: the "
-                                                 "sweep's best when --sweep ran, else the shipped table)")
+    ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap: --compare and --ss2d "
+                                                 "then use those kernels (also after --sweep: its best)")
     ap.add_argument("--configs", default="", help="';'-separated configs for --sweep (default: TIME_CONFIGS)")
     ap.add_argument("--repeats", type=int, default=1, help="--sweep: timings per case (the fastest is kept)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
