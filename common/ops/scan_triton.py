@@ -41,10 +41,11 @@ Fused cross-scan mode (``spatial=(H, W)``, :func:`cross_selective_scan_triton`):
 the ``(B, D, H, W)`` map and the per-direction inputs at the map position of each step of each of
 the four SS2D directions (``_pos``) and write the outputs there: no ``(B, 4, D, L)`` copy.
 
-Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 (step kernels) forward +
-backward 1.16-1.22x faster than mamba-ssm's CUDA kernel at L 3136 and 196, 0.7-0.95x at L 4096 and
-12544; at N = 1 0.4-0.8x. The fused cross-scan mode is about 2x slower than the PyTorch cross-scan around the plain
-scan (column-major steps are W elements apart in memory), so SS2D uses it only when asked.
+Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 (step kernels, state
+stored every 8 steps) forward + backward 1.13-1.28x faster than mamba-ssm's CUDA kernel at L 3136 and
+196, 0.67-0.96x at L 4096 and 12544; at N = 1 0.4-0.8x. The fused cross-scan mode is about 2x slower
+than the PyTorch cross-scan around the plain scan (column-major steps are W elements apart in memory),
+so SS2D uses it only when asked.
 
 On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), for tests: if
 this module was first imported without that variable, a CPU call loads an interpreted twin.
