@@ -153,8 +153,9 @@ def test_time_in_thread_configs(interpreter, config, dim, min_programs):
 
 # step kernels (the default for time-varying B / C, 8 <= N <= 32): (batch, dim, L, N, groups, options,
 # STEP_CONFIG override). Partial chunks (L % 4), padded states (N 12), N 32, z, no D, one and two
-# channel blocks per program, dB / dC summed by per-program partials and by atomics, and the chunk
-# states stored every 1, 2 (default) and 4 chunks.
+# channel blocks per program, dB / dC summed by per-program partials and by atomics, the chunk states
+# stored every 1, 2 (default) and 4 chunks, and the sequence split into time segments (a local pass,
+# then each segment from the composed carry), forward and backward.
 STEP_CASES = [
     pytest.param(1, 16, 11, 16, 1, ALL, {}, id="z-L11"),
     pytest.param(2, 32, 9, 16, 2, dict(ALL, with_z=False), {"nsub": 1}, id="groups-nsub1-partials"),
@@ -163,14 +164,22 @@ STEP_CASES = [
     # the state stored every chunk, and every 4th (the backward advances it over up to 3 chunks)
     pytest.param(1, 16, 21, 16, 1, dict(ALL, with_z=False), {"save_every": 1}, id="save-every-chunk"),
     pytest.param(1, 16, 21, 16, 1, dict(ALL, with_z=False), {"save_every": 4}, id="save-every-4th"),
+    pytest.param(1, 16, 41, 16, 1, ALL, {"segs_fwd": 3, "segs_bwd": 3}, id="segments-3"),
+    pytest.param(2, 32, 37, 16, 2, dict(ALL, with_z=False), {"segs_fwd": 4, "segs_bwd": 2, "save_every": 1},
+                 id="segments-groups-partials"),
+    pytest.param(2, 16, 37, 12, 1, dict(NONE, last_state=True), {"segs_fwd": 3, "segs_bwd": 2, "nsub": 1},
+                 id="segments-bare-N12"),
 ]
 
 
 @pytest.mark.parametrize("batch,dim,length,n,groups,opts,step", STEP_CASES)
 def test_step_kernels(interpreter, batch, dim, length, n, groups, opts, step):
     interpreter.CONFIG_OVERRIDE.update(step=step, min_programs=1)
-    cfg = interpreter._step_config(dim, n, dim // groups, batch, False, False, torch.device(DEVICE))
-    assert cfg is not None and cfg["NSUB"] == step.get("nsub", 2) and cfg["dbc"] == step.get("dbc", "partial")
+    cfg = interpreter._step_config(dim, length, n, dim // groups, batch, False, False, torch.device(DEVICE))
+    nsub = step.get("nsub", 2 if (dim // groups) % 16 == 0 else 1)
+    assert cfg is not None and cfg["NSUB"] == nsub
+    assert cfg["dbc"] == step.get("dbc", "partial")
+    assert (cfg["segs_fwd"], cfg["segs_bwd"]) == (step.get("segs_fwd", 1), step.get("segs_bwd", 1))
     shape = (batch, groups, n, length)
     inputs = make_inputs(batch, dim, length, n, b_shape=shape, c_shape=shape)
     if not opts["softplus"]:
@@ -180,16 +189,26 @@ def test_step_kernels(interpreter, batch, dim, length, n, groups, opts, step):
     compare(got, want, torch.float32)
 
 
+def test_step_segments_policy(interpreter):
+    # split where the channels give too few programs, by powers of two, never below min_seg chunks
+    seg = interpreter._segments
+    assert seg(1024, 100, 50, 32, 2) == (1, 1024)
+    assert seg(1024, 100, 400, 32, 2) == (4, 256)
+    assert seg(1024, 1, 10**6, 32, 2) == (32, 32)
+    assert seg(11, 1, 10, 1, 2, forced=3) == (3, 4)  # segments of whole save_every groups
+    assert seg(784, 96, 1056, 32, 2)[0] == 16
+
+
 def test_step_kernels_are_not_used_where_they_do_not_apply(interpreter):
     cfg = interpreter._step_config
     dev = torch.device(DEVICE)
-    assert cfg(64, 16, 64, 2, False, False, dev) is not None
-    assert cfg(64, 16, 64, 2, False, True, dev) is None  # fused cross-scan: time-in-thread kernels
-    assert cfg(64, 16, 64, 2, True, False, dev) is None  # a fixed B or C
-    assert cfg(64, 4, 64, 2, False, False, dev) is None  # N < 8: tile kernels
-    assert cfg(12, 16, 12, 2, False, False, dev) is None  # no 8-channel block fits
+    assert cfg(64, 100, 16, 64, 2, False, False, dev) is not None
+    assert cfg(64, 100, 16, 64, 2, False, True, dev) is None  # fused cross-scan: time-in-thread kernels
+    assert cfg(64, 100, 16, 64, 2, True, False, dev) is None  # a fixed B or C
+    assert cfg(64, 100, 4, 64, 2, False, False, dev) is None  # N < 8: tile kernels
+    assert cfg(12, 100, 16, 12, 2, False, False, dev) is None  # no 8-channel block fits
     interpreter.CONFIG_OVERRIDE["path"] = "time"
-    assert cfg(64, 16, 64, 2, False, False, dev) is None
+    assert cfg(64, 100, 16, 64, 2, False, False, dev) is None
 
 
 @pytest.mark.parametrize("n", [12, 32])
@@ -229,7 +248,7 @@ def test_large_delta_stays_finite_n16(interpreter, path):
     if path == "time":
         assert interpreter._time_in_thread_config(8, 16, 8, 1, False, torch.device(DEVICE)) is not None
     else:
-        assert interpreter._step_config(8, 16, 8, 1, False, False, torch.device(DEVICE)) is not None
+        assert interpreter._step_config(8, 20, 16, 8, 1, False, False, torch.device(DEVICE)) is not None
     inputs[1] = inputs[1].abs() + 20
     inputs[2] = inputs[2] * 5
     got = outputs_and_grads(triton_scan, inputs, **dict(ALL, last_state=False))

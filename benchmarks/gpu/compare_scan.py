@@ -5,6 +5,9 @@
 - ``--step``: at the issue's N = 16 shapes, the step kernels (the default for N = 16) in each
   backward variant (1 or 2 channel blocks per program; dB / dC summed with atomics or per-program
   partials) against the time-in-thread kernels; writes the fastest variant.
+- ``--segments``: the step kernels with the sequence split into time segments (automatic, and forced
+  counts) against one segment, the tile kernels (N = 1) and mamba-ssm, at the issue's shapes and at
+  batch 1 (one slice of inference: the channels alone give too few programs).
 - ``--sweep``: forward and forward + backward ms of the time-in-thread kernels for several
   (BLOCK_L, LN, NW, cap) launch configurations and of the tile kernels, at N = 16 SS2D shapes.
 - ``--compare``: at the issue's shapes (batch 16, 4 directions, softplus, D, delta_bias): the
@@ -182,6 +185,29 @@ def step_sweep(rows, repeats):
         emit(rows, dict(kind="step_best", kernels=min(full, key=full.get), summed_fwd_bwd_ms=full))
 
 
+# batch-1 stage-1 scans of the three networks (one slice of inference) and MSVM-UNet's training batch
+SEGMENT_SHAPES = [(1, 96, 3136, 1, torch.float32), (1, 192, 4096, 16, torch.float32),
+                  (1, 192, 12544, 16, torch.float32), (1, 192, 4096, 16, torch.bfloat16),
+                  (32, 96, 3136, 1, torch.float32), (32, 96, 3136, 1, torch.bfloat16)]
+
+
+def segments(rows, repeats):
+    have_mamba = "mamba_ssm" in available_backends("cuda")
+    for shape in ISSUE_SHAPES + SEGMENT_SHAPES:
+        variants = [("step auto", {}), ("step 1 segment", {"step": {"segs_fwd": 1, "segs_bwd": 1}})]
+        variants += [(f"step {k} segments", {"step": {"segs_fwd": k, "segs_bwd": k}}) for k in (2, 4, 16)]
+        if shape[3] == 1:
+            variants.append(("tile", {"path": "tile"}))
+        res = dict(kind="segments", shape=label(shape))
+        for name, override in variants:
+            timed = time_with(shape, override, repeats)
+            if timed is not None:
+                res[name] = [round(timed[0], 4), round(timed[1], 4)]
+        if have_mamba:
+            res["mamba_ssm"] = [round(t, 4) for t in time_scan("mamba_ssm", shape)]
+        emit(rows, res)
+
+
 def compare(rows, config):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -257,6 +283,7 @@ def main():
     ap.add_argument("--step", action="store_true")
     ap.add_argument("--step-config", default="", help="JSON merged into the step kernels' STEP_CONFIG, e.g. "
                                                      "'{\"save_every\": 1}'")
+    ap.add_argument("--segments", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--ss2d", action="store_true")
@@ -276,6 +303,8 @@ def main():
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
     if args.step:
         step_sweep(rows, args.repeats)
+    if args.segments:
+        segments(rows, args.repeats)
     if args.sweep:
         configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";") if c] or TIME_CONFIGS
         config = sweep(rows, configs, args.repeats) or config

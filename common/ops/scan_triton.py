@@ -634,25 +634,32 @@ def _join4(x0, x1, x2, x3, P: tl.constexpr, Q: tl.constexpr):
 @triton.jit(do_not_specialize=["st_n"])
 def _fwd_kernel_s(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    out_ptr, last_ptr, states_ptr, dts_ptr,
-    dim, L, n_state, n_chunks, n_saved, st_n,
+    out_ptr, last_ptr, states_ptr, dts_ptr, seg_h_ptr, seg_dt_ptr,
+    dim, L, n_state, n_chunks, n_saved, st_n, seg_chunks, n_segs,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SAVE_EVERY: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr,
 ):
     # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (BD channels, BN states, 4 steps)
     # with the time axis last: the loads of B and C (broadcast over the channels) are contiguous 4-step
     # vectors, so Triton's coalescing gives each thread the 4 steps of BN / 4 states of one channel,
-    # the lanes spread over 8 channels x 4 state groups (the layout the rest follows). The 4-step scan
-    # is written out on the split tile, in registers; y = C h is summed over the states in the thread
-    # and over 4 lanes. With a backward to come, the state entering every SAVE_EVERY-th chunk and the
-    # step sizes dt (after bias and softplus) are stored.
+    # the lanes spread over 8 channels x 4 state groups, the layout the rest follows. The 4-step scan is written out on the split tile, in
+    # registers; y = C h is summed over the states in the thread and over the state lanes. With a
+    # backward to come, the state entering every SAVE_EVERY-th chunk and the step sizes dt (after bias
+    # and softplus) are stored.
+    #
+    # Time segments (grid axis 2; n_segs > 1 where the channels alone give too few programs): program
+    # s walks the chunks [s * seg_chunks, (s + 1) * seg_chunks). With LOCAL, it only scans its segment
+    # from a zero state and stores that end state and the segment's summed dt (the segment's decay is
+    # exp(A * sum dt)), for segments 0 .. n_segs - 2; the full pass then starts segment s from the
+    # state composed of the segments before it.
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     BL: tl.constexpr = 4
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
     d0 = pid_d * BD
     dd = d0 + tl.arange(0, BD)[:, None, None]
     nn = tl.arange(0, BN)[None, :, None]
@@ -666,8 +673,17 @@ def _fwd_kernel_s(
     row = (pid_b * dim + dd).to(tl.int64) * L
     b_off = pid_b * sb_batch + (d0 // dpg_b) * sb_group + nn * sb_n + 0 * dd
     c_off = pid_b * sc_batch + (d0 // dpg_c) * sc_group + nn * sc_n + 0 * dd
-    h = tl.full((BD, BN), 0.0, dtype=CDT)
-    for c in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+    c_lo = pid_s * seg_chunks
+    c_hi = tl.minimum(n_chunks, c_lo + seg_chunks)
+    h3 = tl.full((BD, BN, 1), 0.0, dtype=CDT)
+    if not LOCAL:
+        for j in range(0, pid_s):  # the state entering the segment, from the local passes before it
+            seg = (pid_b * (n_segs - 1) + j) * dim + dd
+            h3 = (tl.exp2(tl.load(seg_dt_ptr + seg) * A2) * h3
+                  + tl.load(seg_h_ptr + seg * n_state + nn, mask=mask_n, other=0.0))
+    h = tl.reshape(h3, (BD, BN))
+    sdt = tl.full((BD, 1, 1), 0.0, dtype=CDT)
+    for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
         t = c * BL + tt
         mask_t = t < L
         mnt = mask_n & mask_t
@@ -678,7 +694,9 @@ def _fwd_kernel_s(
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(mask_t, dt, 0.0)
-        if SAVE_STATES:  # (batch, chunk // SAVE_EVERY, dim, N): the state entering the chunk
+        if LOCAL:
+            sdt += _sum(dt, 2)[:, :, None]
+        elif SAVE_STATES:  # (batch, chunk // SAVE_EVERY, dim, N): the state entering the chunk
             if c % SAVE_EVERY == 0:
                 tl.store(states_ptr + ((pid_b * n_saved + c // SAVE_EVERY) * dim + dd) * n_state + nn * st_n,
                          h[:, :, None], mask=mask_n)
@@ -689,15 +707,21 @@ def _fwd_kernel_s(
         h1 = a1 * h0 + b1
         h2 = a2 * h1 + b2
         h = a3 * h2 + b3
-        hh = _join4(h0, h1, h2, h, BD, BN)
-        y = _sum(hh * tl.load(C_ptr + c_off + t, mask=mnt, other=0.0).to(CDT), 1)[:, None, :]
-        if HAS_D:
-            y = y + u * Dv
-        if HAS_Z:
-            zv = tl.load(z_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
-            y = y * zv / (1.0 + tl.exp(-zv))
-        tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_t)
-    tl.store(last_ptr + (pid_b * dim + dd).to(tl.int64) * n_state + nn, h[:, :, None], mask=mask_n)
+        if not LOCAL:
+            hh = _join4(h0, h1, h2, h, BD, BN)
+            y = _sum(hh * tl.load(C_ptr + c_off + t, mask=mnt, other=0.0).to(CDT), 1)[:, None, :]
+            if HAS_D:
+                y = y + u * Dv
+            if HAS_Z:
+                zv = tl.load(z_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
+                y = y * zv / (1.0 + tl.exp(-zv))
+            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_t)
+    if LOCAL:
+        seg = (pid_b * (n_segs - 1) + pid_s) * dim + dd
+        tl.store(seg_h_ptr + seg * n_state + nn, h[:, :, None], mask=mask_n)
+        tl.store(seg_dt_ptr + seg, sdt)
+    elif pid_s == n_segs - 1:
+        tl.store(last_ptr + (pid_b * dim + dd).to(tl.int64) * n_state + nn, h[:, :, None], mask=mask_n)
 
 
 @triton.jit
@@ -808,12 +832,68 @@ def _s_put(ptr, off, first, t, L, mask_n, val, ATOMIC: tl.constexpr):
         tl.store(ptr + off + t, v, mask=mask_n & (off * 0 + t < L))
 
 
+@triton.jit
+def _bwd_local_kernel_s(
+    A_ptr, C_ptr, z_ptr, dts_ptr, dout_ptr, seg_g_ptr, seg_dt_ptr,
+    dim, L, n_state, n_chunks, seg_chunks, n_segs,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_Z: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    # The backward's local pass over time segment s + 1 (s = program axis 2): the adjoint recurrence
+    # g <- a[t] (C[t] dy[t] + g) walked back over the segment from g = 0, and the segment's summed dt.
+    # Segment s's full backward then starts from g composed over the segments after it: each maps
+    # its entering g to exp(A * sum dt) g + (its local g).
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    d0 = pid_d * BD
+    dd = d0 + tl.arange(0, BD)[:, None]
+    nn = tl.arange(0, BN)[None, :]
+    mask_n = nn < n_state
+    A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
+    row = (pid_b * dim + dd).to(tl.int64) * L
+    c_full = pid_b * sc_batch + (d0 // dpg_c) * sc_group + nn * sc_n + 0 * dd
+    c_lo = (pid_s + 1) * seg_chunks
+    c_hi = tl.minimum(n_chunks, c_lo + seg_chunks)
+    g = tl.full((BD, BN), 0.0, dtype=CDT)
+    sdt = tl.full((BD, 1), 0.0, dtype=CDT)
+    for i in range(0, c_hi - c_lo):
+        t0 = (c_hi - 1 - i) * 4
+        for j in tl.static_range(4):
+            t = t0 + 3 - j
+            m = (row * 0 + t) < L
+            dy = tl.load(dout_ptr + row + t, mask=m, other=0.0).to(CDT)
+            if HAS_Z:
+                zv = tl.load(z_ptr + row + t, mask=m, other=0.0).to(CDT)
+                dy = dy * zv / (1.0 + tl.exp(-zv))
+            dt = tl.load(dts_ptr + row + t, mask=m, other=0.0)
+            sdt += dt
+            g = tl.exp2(dt * A2) * (dy * _s_load_bc(C_ptr, c_full, t, L, mask_n, CDT) + g)
+    seg = (pid_b * (n_segs - 1) + pid_s) * dim + dd
+    tl.store(seg_g_ptr + seg * n_state + nn, g, mask=mask_n)
+    tl.store(seg_dt_ptr + seg, sdt)
+
+
+@triton.jit
+def _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A, pid_b, pid_s, n_segs, dim, dd, n_state, nn, mask_n):
+    # the adjoint g entering segment pid_s's backward (from its end): the gradient of last_state
+    # carried back over the later segments' local passes
+    g = tl.load(q_ptr + (pid_b * dim + dd) * n_state + nn, mask=mask_n, other=0.0)
+    A2 = A * _LOG2E
+    for i in range(0, n_segs - 1 - pid_s):
+        seg = (pid_b * (n_segs - 1) + n_segs - 2 - i) * dim + dd  # local pass of segment n_segs - 1 - i
+        g = tl.exp2(tl.load(seg_dt_ptr + seg) * A2) * g + tl.load(seg_g_ptr + seg * n_state + nn, mask=mask_n,
+                                                                  other=0.0)
+    return g
+
+
 @triton.jit(do_not_specialize=["st_n"])
 def _bwd_kernel_s(
     u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
-    states_ptr, dts_ptr, dout_ptr, q_ptr,
+    states_ptr, dts_ptr, dout_ptr, q_ptr, seg_g_ptr, seg_dt_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    dim, L, n_state, n_chunks, n_saved, st_n, part_b, part_c,
+    dim, L, n_state, n_chunks, n_saved, st_n, part_b, part_c, seg_chunks, n_segs, n_batch,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -830,9 +910,14 @@ def _bwd_kernel_s(
     # adjoint g = a q, and the sums dA, dD, d delta_bias) stay in registers; q_ptr holds the gradient
     # of last_state (or zeros). Without atomics and with several programs in a group, each writes its
     # own partial dB / dC slab (part_b / part_c elements apart), summed afterwards.
+    #
+    # Time segments (grid axis 2): program s walks the chunks of segment s back, from the adjoint g
+    # composed over the later segments (the local passes of _bwd_local_kernel_s, and the gradient of
+    # last_state); the per-channel sums go to per-segment partials (n_batch x dim apart).
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
     p0 = pid * NSUB * BD
     dl = tl.arange(0, BD)[:, None]
     nn = tl.arange(0, BN)[None, :]
@@ -853,7 +938,7 @@ def _bwd_kernel_s(
     D_a = tl.full((BD, 1), 0.0, dtype=CDT)
     if HAS_D:
         D_a = tl.load(D_ptr + da).to(CDT)
-    g_a = tl.load(q_ptr + (pid_b * dim + da) * n_state + nn, mask=mask_n, other=0.0)
+    g_a = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_a, pid_b, pid_s, n_segs, dim, da, n_state, nn, mask_n)
     dA_a = tl.full((BD, BN), 0.0, dtype=CDT)
     dD_a = tl.full((BD, 1), 0.0, dtype=CDT)
     db_a = tl.full((BD, 1), 0.0, dtype=CDT)
@@ -863,12 +948,14 @@ def _bwd_kernel_s(
         D_b = tl.full((BD, 1), 0.0, dtype=CDT)
         if HAS_D:
             D_b = tl.load(D_ptr + db2).to(CDT)
-        g_b = tl.load(q_ptr + (pid_b * dim + db2) * n_state + nn, mask=mask_n, other=0.0)
+        g_b = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_b, pid_b, pid_s, n_segs, dim, db2, n_state, nn, mask_n)
         dA_b = tl.full((BD, BN), 0.0, dtype=CDT)
         dD_b = tl.full((BD, 1), 0.0, dtype=CDT)
         db_b = tl.full((BD, 1), 0.0, dtype=CDT)
-    for i in tl.range(0, n_chunks, num_stages=NUM_STAGES):
-        c = n_chunks - 1 - i
+    c_lo = pid_s * seg_chunks
+    c_hi = tl.minimum(n_chunks, c_lo + seg_chunks)
+    for i in tl.range(0, c_hi - c_lo, num_stages=NUM_STAGES):
+        c = c_hi - 1 - i
         t0 = c * 4
         B0 = _s_load_bc(B_ptr, b_full, t0, L, mask_n, CDT)
         B1 = _s_load_bc(B_ptr, b_full, t0 + 1, L, mask_n, CDT)
@@ -899,14 +986,14 @@ def _bwd_kernel_s(
         _s_put(dC_ptr, c_put, first, t0 + 1, L, mask_n, pC1, C_ATOMIC)
         _s_put(dC_ptr, c_put, first, t0 + 2, L, mask_n, pC2, C_ATOMIC)
         _s_put(dC_ptr, c_put, first, t0 + 3, L, mask_n, pC3, C_ATOMIC)
-    bda = pid_b * dim + da
+    bda = (pid_s * n_batch + pid_b) * dim + da  # per-segment partials
     tl.store(dA_ptr + bda * n_state + nn, dA_a, mask=mask_n)
     if HAS_D:
         tl.store(dD_ptr + bda, dD_a)
     if HAS_BIAS:
         tl.store(dbias_ptr + bda, db_a)
     if NSUB == 2:
-        bdb = pid_b * dim + db2
+        bdb = (pid_s * n_batch + pid_b) * dim + db2
         tl.store(dA_ptr + bdb * n_state + nn, dA_b, mask=mask_n)
         if HAS_D:
             tl.store(dD_ptr + bdb, dD_b)
@@ -1010,28 +1097,56 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # (benchmarks/README.md): 2 blocks and partials were fastest; 2 or 3 stages made the forward 2.6-3x
 # slower; storing every 2nd chunk costs 6 % of the scan time against every chunk and halves the
 # states' memory (Mamba-HUNet training peak 18.5 instead of 22.6 GiB in float32).
-STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2}
+# Time segments: where the channels give fewer one-warp programs than "seg_fwd" (forward) or
+# "seg_bwd" (backward) per multiprocessor, the sequence is split into 2, 4, ... segments of at least
+# "min_seg" chunks, each its own program, after a local pass over the segments: a small batch, as in
+# inference (H200, batch 1, 192 @ 4096 N 16: forward 0.83 -> 0.29 ms, 192 @ 12544: 2.54 -> 0.35). At
+# training batches splitting costs more than it gains (batch 16, 192 @ 3136: forward 0.86 -> 1.25 ms
+# with 2 segments), hence the low targets. "segs_fwd" / "segs_bwd" (> 0) force a count.
+STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
+               "seg_fwd": 6, "seg_bwd": 4, "min_seg": 32, "segs_fwd": 0, "segs_bwd": 0}
 
 
-def _step_config(dim, n_state, gdims, batch, any_fixed, spatial, device):
+def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every: int, forced: int = 0):
+    """(segments, chunks per segment): the fewest power-of-two segments (``forced`` if > 0) that bring
+    ``programs`` to ``target``, each at least ``min_chunks`` chunks, a multiple of ``every``."""
+    s = forced
+    if s <= 0:
+        s = 1
+        while programs * s < target and n_chunks >= 2 * s * min_chunks:
+            s *= 2
+    per = triton.cdiv(triton.cdiv(n_chunks, s), every) * every
+    return triton.cdiv(n_chunks, per), per
+
+
+def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device):
     """Launch parameters of the step kernels, or None where they do not apply.
 
     They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
-    mode, when 8-channel blocks fit the groups. Returns dict(BD, NSUB, dbc). ``NSUB`` is 2 where two
-    blocks fit a group and the grid keeps at least ``min_programs`` (default 5 per multiprocessor)
-    programs, else 1.
+    mode, when 8-channel blocks fit the groups. Returns dict(BD,
+    NSUB, dbc, stages_fwd, stages_bwd, save_every, segs_fwd, seg_chunks_fwd, segs_bwd,
+    seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a group and the grid keeps at least
+    ``min_programs`` (default 5 per multiprocessor) programs, else 1.
     """
     bn = triton.next_power_of_2(n_state)
     path = CONFIG_OVERRIDE.get("path")
-    if any_fixed or spatial or bn < 8 or bn > 32 or path in ("tile", "time") or gdims % 8:
+    bd = 8
+    if any_fixed or spatial or bn < 8 or bn > 32 or path in ("tile", "time") or gdims % bd:
         return None
     conf = dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))
     nsub = conf["nsub"]
-    target = CONFIG_OVERRIDE.get("min_programs", 5 * _sm_count(device))
-    if nsub == 2 and (gdims % 16 or (dim // 16) * batch < target):
+    sms = _sm_count(device)
+    target = CONFIG_OVERRIDE.get("min_programs", 5 * sms)
+    if nsub == 2 and (gdims % (2 * bd) or (dim // (2 * bd)) * batch < target):
         nsub = 1
-    return dict(BD=8, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
-                save_every=conf["save_every"])
+    n_chunks = triton.cdiv(length, 4)
+    every = conf["save_every"]
+    segs_f, per_f = _segments(n_chunks, (dim // bd) * batch, conf["seg_fwd"] * sms, conf["min_seg"], every,
+                              conf["segs_fwd"])
+    segs_b, per_b = _segments(n_chunks, (dim // (nsub * bd)) * batch, conf["seg_bwd"] * sms, conf["min_seg"],
+                              every, conf["segs_bwd"])
+    return dict(BD=bd, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
+                save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f, segs_bwd=segs_b, seg_chunks_bwd=per_b)
 
 
 class SelectiveScanTriton(torch.autograd.Function):
@@ -1061,7 +1176,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         geometry = (u_dim, height, width)
         strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
         save = any(ctx.needs_input_grad[:8])
-        scfg = _step_config(dim, n_state, gdims, batch, b_fixed or c_fixed, spatial is not None, u.device)
+        scfg = _step_config(dim, length, n_state, gdims, batch, b_fixed or c_fixed, spatial is not None, u.device)
         tcfg = None if scfg is not None else _time_in_thread_config(dim, n_state, gdims, batch, b_fixed or c_fixed,
                                                                      u.device)
         bn = triton.next_power_of_2(n_state)
@@ -1079,11 +1194,15 @@ class SelectiveScanTriton(torch.autograd.Function):
             states = torch.empty(batch, n_saved, dim, n_state, dtype=cdt, device=u.device) if save else last
             dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
             step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
-            _fwd_kernel_s[(dim // scfg["BD"], batch)](
-                u, delta, A, Bc, Cc, *optional, out, last, states, dts,
-                dim, length, n_state, n_chunks, n_saved, 1, *strides, **step_opts, BD=scfg["BD"], BN=bn,
-                NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, num_warps=1,
-            )
+            segs, per = scfg["segs_fwd"], scfg["seg_chunks_fwd"]
+            seg_h = torch.empty(batch, max(segs - 1, 1), dim, n_state, dtype=cdt, device=u.device)
+            seg_dt = torch.empty(batch, max(segs - 1, 1), dim, dtype=cdt, device=u.device)
+            for local in ([True] if segs > 1 else []) + [False]:
+                _fwd_kernel_s[(dim // scfg["BD"], batch, segs - 1 if local else segs)](
+                    u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
+                    dim, length, n_state, n_chunks, n_saved, 1, per, segs, *strides, **step_opts, BD=scfg["BD"],
+                    BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local, num_warps=1,
+                )
             saved = (states, dts)
         elif tcfg is not None:
             bl, ln, nw = tcfg["BLOCK_L"], tcfg["LN"], tcfg["NW"]
@@ -1146,7 +1265,8 @@ class SelectiveScanTriton(torch.autograd.Function):
             span = scfg["NSUB"] * scfg["BD"]  # channels per program
             q = (dlast.to(cdt).contiguous() if dlast is not None
                  else torch.zeros(batch, dim, n_state, dtype=cdt, device=dev))
-            dA_part = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+            segs, per = scfg["segs_bwd"], scfg["seg_chunks_bwd"]
+            dA_part = torch.empty(segs * batch, dim, n_state, dtype=cdt, device=dev)  # per segment and batch
 
             def grad_buffer(x, dpg):  # (buffer, atomic, parts, part stride)
                 parts = dpg // span
@@ -1158,15 +1278,24 @@ class SelectiveScanTriton(torch.autograd.Function):
 
             dB, b_atomic, b_parts, part_b = grad_buffer(Bc, dpg_b)
             dC, c_atomic, c_parts, part_c = grad_buffer(Cc, dpg_c)
-            dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
-            dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
+            dD_part = torch.empty(segs * batch, dim, dtype=cdt, device=dev) if D is not None else None
+            dbias_part = torch.empty(segs * batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
             step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
-            _bwd_kernel_s[(dim // span, batch)](
+            seg_g = torch.empty(batch, max(segs - 1, 1), dim, n_state, dtype=cdt, device=dev)
+            seg_dt = torch.empty(batch, max(segs - 1, 1), dim, dtype=cdt, device=dev)
+            if segs > 1:
+                _bwd_local_kernel_s[(dim // scfg["BD"], batch, segs - 1)](
+                    A, Cc, z if z is not None else dummy, dts, dout, seg_g, seg_dt,
+                    dim, length, n_state, n_chunks, per, segs, scb, scg, scn, dpg_c,
+                    HAS_Z=z is not None, FP64=fp64, BD=scfg["BD"], BN=bn, num_warps=1,
+                )
+            _bwd_kernel_s[(dim // span, batch, segs)](
                 u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy,
-                states, dts, dout, q,
+                states, dts, dout, q, seg_g, seg_dt,
                 du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
                 dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-                dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, *strides, **step_opts,
+                dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, per, segs, batch, *strides,
+                **step_opts,
                 B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD"], BN=bn, NSUB=scfg["NSUB"],
                 NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], num_warps=1,
             )
