@@ -1,6 +1,7 @@
 """Where a network's training step spends GPU time: torch.profiler kernel table by category.
 
     python benchmarks/profile_network.py --network msvmunet --precision bf16 --backend triton
+    python benchmarks/profile_network.py --network mssmamba --inference   # one slice, no gradient
 
 Prints the top kernels and a breakdown by category (selective scan, matmul, convolution,
 normalisation, elementwise / copies, optimizer) of a few training steps, and writes it as JSON
@@ -49,11 +50,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--inference", action="store_true", help="profile the forward under no_grad (batch 1 by default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     _, classes, in_ch, size, batch = NETWORKS[args.network]
-    batch = args.batch or batch
+    batch = args.batch or (1 if args.inference else batch)
     torch.manual_seed(0)
     model = build(args.network, args.backend, size).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -63,12 +65,18 @@ def main(argv=None):
     y = torch.randint(0, classes, (batch, size, size), device=device)
 
     def step():
+        if args.inference:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                model(x)
+            return
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    if args.inference:
+        model.eval()
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -88,7 +96,8 @@ def main(argv=None):
     cats: dict[str, float] = {}
     for name, (ms, _) in kernels.items():
         cats[category(name)] = cats.get(category(name), 0.0) + ms
-    print(f"{args.network} {args.backend} {args.precision} batch {batch}: GPU kernel time {total:.1f} ms/step, "
+    what = "inference" if args.inference else "training"
+    print(f"{args.network} {what} {args.backend} {args.precision} batch {batch}: GPU kernel time {total:.1f} ms/step, "
           f"{sum(v[1] for v in kernels.values())} kernels/step")
     for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:16s} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
@@ -97,7 +106,7 @@ def main(argv=None):
         print(f"  {ms:8.2f} ms {n:5d}x  [{category(name)}] {name[:110]}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(network=args.network, backend=args.backend, precision=args.precision, batch=batch,
+            json.dump(dict(network=args.network, mode=what, backend=args.backend, precision=args.precision, batch=batch,
                            channels_last=args.channels_last, kernel_ms_per_step=round(total, 2),
                            categories={k: round(v, 2) for k, v in cats.items()},
                            top=[dict(name=n, ms=round(ms, 3), calls=c) for n, (ms, c) in top]), f, indent=1)

@@ -645,10 +645,10 @@ def _fwd_kernel_s(
     # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (BD channels, BN states, 4 steps)
     # with the time axis last: the loads of B and C (broadcast over the channels) are contiguous 4-step
     # vectors, so Triton's coalescing gives each thread the 4 steps of BN / 4 states of one channel,
-    # the lanes spread over 8 channels x 4 state groups, the layout the rest follows. The 4-step scan is written out on the split tile, in
-    # registers; y = C h is summed over the states in the thread and over the state lanes. With a
-    # backward to come, the state entering every SAVE_EVERY-th chunk and the step sizes dt (after bias
-    # and softplus) are stored.
+    # the lanes spread over 8 channels x 4 state groups, the layout the rest follows. The 4-step scan
+    # is written out on the split tile, in registers; y = C h is summed over the states in the thread
+    # and over the state lanes. With a backward to come, the state entering every SAVE_EVERY-th chunk
+    # and the step sizes dt (after bias and softplus) are stored.
     #
     # Time segments (grid axis 2; n_segs > 1 where the channels alone give too few programs): program
     # s walks the chunks [s * seg_chunks, (s + 1) * seg_chunks). With LOCAL, it only scans its segment
