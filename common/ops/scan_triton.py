@@ -21,7 +21,10 @@ Three kernel families, chosen per call:
   backward works on per-step tiles with both recurrences written out (one exp per step, no shifted
   re-reads, no scan shuffles), two channel blocks per program sharing the B / C loads and the
   reduction of dB / dC over the channel lanes. The forward stores the state every 8 steps (twice
-  ``u``'s size in float32 at N = 16). ``STEP_CONFIG`` holds the measured choices.
+  ``u``'s size in float32 at N = 16). ``STEP_CONFIG`` holds the measured choices. Where the channels
+  give too few programs (batch-1 inference), the sequence is split into time segments: a local pass
+  per segment (its end state from zero and its summed dt; in the backward, its adjoint from zero),
+  then each segment's program starts from the carry composed over the segments before (after) it.
 - Time-in-thread kernels (the fused cross-scan mode, and ``CONFIG_OVERRIDE["path"] = "time"``). 5-D
   tiles ``(BLOCK_L, N / LN, warps, LN, 32 / LN)``, meant to give each thread all ``BLOCK_L`` steps;
   compiled, Triton's layout choice puts lanes on the time axis of some of them (benchmarks/README.md).
@@ -43,7 +46,8 @@ the four SS2D directions (``_pos``) and write the outputs there: no ``(B, 4, D, 
 
 Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 (step kernels, state
 stored every 8 steps) forward + backward 1.13-1.28x faster than mamba-ssm's CUDA kernel at L 3136 and
-196, 0.67-0.96x at L 4096 and 12544; at N = 1 0.4-0.8x. The fused cross-scan mode is about 2x slower
+196, 0.67-0.96x at L 4096 and 12544; at batch 1 (time segments) forward 0.26 ms at 192 @ 4096 (mamba-ssm
+0.12) and 0.35 at 192 @ 12544 (0.36); at N = 1 0.4-0.8x. The fused cross-scan mode is about 2x slower
 than the PyTorch cross-scan around the plain scan (column-major steps are W elements apart in memory),
 so SS2D uses it only when asked.
 
@@ -1100,7 +1104,7 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # Time segments: where the channels give fewer one-warp programs than "seg_fwd" (forward) or
 # "seg_bwd" (backward) per multiprocessor, the sequence is split into 2, 4, ... segments of at least
 # "min_seg" chunks, each its own program, after a local pass over the segments: a small batch, as in
-# inference (H200, batch 1, 192 @ 4096 N 16: forward 0.83 -> 0.29 ms, 192 @ 12544: 2.54 -> 0.35). At
+# inference (H200, batch 1, 192 @ 4096 N 16: forward 0.83 -> 0.26 ms, 192 @ 12544: 2.54 -> 0.35). At
 # training batches splitting costs more than it gains (batch 16, 192 @ 3136: forward 0.86 -> 1.25 ms
 # with 2 segments), hence the low targets. "segs_fwd" / "segs_bwd" (> 0) force a count.
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
