@@ -1145,10 +1145,11 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
         nsub = 1
     n_chunks = triton.cdiv(length, 4)
     every = conf["save_every"]
-    segs_f, per_f = _segments(n_chunks, (dim // bd) * batch, conf["seg_fwd"] * sms, conf["min_seg"], every,
+    gpu = device.type == "cuda"  # under the interpreter (tests): only forced counts
+    segs_f, per_f = _segments(n_chunks, (dim // bd) * batch, conf["seg_fwd"] * sms * gpu, conf["min_seg"], every,
                               conf["segs_fwd"])
-    segs_b, per_b = _segments(n_chunks, (dim // (nsub * bd)) * batch, conf["seg_bwd"] * sms, conf["min_seg"],
-                              every, conf["segs_bwd"])
+    segs_b, per_b = _segments(n_chunks, (dim // (nsub * bd)) * batch, conf["seg_bwd"] * sms * gpu,
+                              conf["min_seg"], every, conf["segs_bwd"])
     return dict(BD=bd, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
                 save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f, segs_bwd=segs_b, seg_chunks_bwd=per_b)
 
