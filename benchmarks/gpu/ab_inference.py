@@ -1,0 +1,133 @@
+"""A/B of one network's inference latency on CUDA: the current code against an older copy of its
+module, and the current code with inference options (channels-last weights, TF32, ...).
+
+    git show HEAD~1:common/networks/mssmamba.py > /tmp/mssmamba_before.py
+    python benchmarks/gpu/ab_inference.py --network mssmamba --before /tmp/mssmamba_before.py
+
+Every variant gets the same weights (the first variant's state dict) and the same input. For each
+variant and precision (float32, bfloat16 autocast) it prints and writes (``--out``, JSON) the
+latency of one slice, eager and replayed from a CUDA graph (``CUDAGraphInference``), the median over
+``--repeat`` calls, in ``--rounds`` interleaved rounds (so that drift of the machine hits every
+variant alike), and the largest difference of the output from the first variant's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from bench_network import NETWORKS, build  # noqa: E402
+from bench_scan import timed  # noqa: E402
+
+from common.networks.graphs import CUDAGraphInference  # noqa: E402
+
+
+def _load_module_copy(path: str, network: str):
+    """An older copy of the network's module, imported inside ``common.networks`` (relative imports work)."""
+    target = NETWORKS[network][0].split(":")
+    name = target[0] + "_ab_copy"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: cannot be imported as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return getattr(mod, target[1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--network", choices=sorted(NETWORKS), default="mssmamba")
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--before", default=None, help="an older copy of the network's module file")
+    ap.add_argument("--variants", nargs="+", default=["current", "channels_last", "tf32"],
+                    help="current, channels_last (weights and input), tf32 (float32 matmuls / convs), "
+                         "mssmamba_nchw_resize (MSSMamba's resizes through the channel-first kernel), "
+                         "compile (torch.compile, then graphed), graph_casts_each_call (the graphs cast "
+                         "the weights at every call under autocast, as before they were cast once)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", help="cuda (cpu only to try the script: no graphs there)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    builder, classes, in_ch, size, _ = NETWORKS[args.network]
+    torch.manual_seed(0)
+    base = build(args.network, args.backend, size).to(device).eval()
+    state = base.state_dict()
+    x = torch.randn(1, in_ch, size, size, device=device)
+    models = {}
+    if args.before:
+        fn = _load_module_copy(args.before, args.network)
+        sized = {"img_size": size} if args.network == "mssmamba" else {}
+        old = fn(in_channels=in_ch, num_classes=classes, scan_backend=args.backend, **sized).to(device).eval()
+        old.load_state_dict(state)
+        models["before"] = old
+    for v in args.variants:
+        m = build(args.network, args.backend, size).to(device).eval()
+        m.load_state_dict(state)
+        if v == "channels_last":
+            m = m.to(memory_format=torch.channels_last)
+        if v == "compile":
+            torch._dynamo.config.cache_size_limit = 64
+            m = torch.compile(m, dynamic=False)
+        models[v] = m
+    mss = sys.modules.get("common.networks.mssmamba")
+
+    def options(name):
+        torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
+        if mss is not None:
+            mss.RESIZE_CHANNELS_LAST = name != "mssmamba_nchw_resize"
+
+    def inp(name):
+        return x.contiguous(memory_format=torch.channels_last) if name == "channels_last" else x
+
+    graphs = {name: CUDAGraphInference(m).eval() for name, m in models.items()}
+    if "graph_casts_each_call" in graphs:
+        graphs["graph_casts_each_call"]._cast_once = False
+    rows: dict[tuple, dict] = {}
+    for precision in args.precisions:
+        amp = precision == "bf16"
+        first = None
+        for rnd in range(args.rounds):
+            for name, m in models.items():
+                options(name)
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    if rnd == 0:
+                        out = m(inp(name)).float()
+                        first = out if first is None else first
+                    eager = timed(lambda m=m, name=name: m(inp(name)), device, max(5, args.repeat // 5), 3)
+                    graphed = timed(lambda name=name: graphs[name](inp(name)), device, args.repeat, 3)
+                row = rows.setdefault((name, precision), dict(variant=name, precision=precision, eager_ms=[],
+                                                               graphed_ms=[]))
+                row["eager_ms"].append(round(eager, 3))
+                row["graphed_ms"].append(round(graphed, 3))
+                if rnd == 0:
+                    row["max_abs_diff_vs_first"] = (out - first).abs().max().item()
+                    row["output_scale"] = first.abs().max().item()
+                print(json.dumps(row), flush=True)
+    options("current")
+    today = dt.date.today().isoformat()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = dict(benchmark="ab_inference", network=args.network, backend=args.backend, date=today, device=name,
+                  torch=torch.__version__, batch=1, size=size, results=list(rows.values()))
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
