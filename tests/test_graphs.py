@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.networks.graphs import CUDAGraphInference, graphed_for_inference
+from common.networks.graphs import CUDAGraphInference, autocast_cast_parameters, graphed_for_inference
 from common.networks.mambahunet import MambaHUNet
 
 CUDA = torch.cuda.is_available()
@@ -33,6 +33,24 @@ def test_cpu_and_training_run_eagerly_and_checkpoints_keep_their_names():
         torch.testing.assert_close(wrapped(x), other.eval()(x), rtol=0, atol=0)
     wrapped.train()
     assert wrapped(x).requires_grad and not wrapped._graphs
+
+
+def test_parameters_cast_once_give_the_autocast_forward_and_follow_in_place_updates():
+    net = small_net().eval()
+    cast = autocast_cast_parameters(net, torch.bfloat16)
+    params = dict(net.named_parameters())
+    assert cast and all(params[n] is c.param and c.copy.dtype == torch.bfloat16 for n, c in cast.items())
+    assert not [n for n in cast if "norm" in n]  # normalisation parameters stay float32 (autocast keeps them)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = net(x)
+        got = torch.func.functional_call(net, {n: c.copy for n, c in cast.items()}, (x,), strict=False)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the same rounding as autocast's own casts
+    name, c = next(iter(cast.items()))
+    with torch.no_grad():
+        params[name].mul_(2)
+    c.sync()
+    torch.testing.assert_close(c.copy, params[name].detach().to(torch.bfloat16), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -9,6 +9,13 @@ side stream, as PyTorch's documentation prescribes) and replays it afterwards; e
 (the module in training mode, CPU tensors, gradients) runs the module eagerly. The wrapper's ``state_dict`` is the
 module's own (no prefix), so checkpoints load either way.
 
+Under autocast, PyTorch casts the float32 weights and biases of every convolution and linear layer
+to the autocast dtype at every call (its weight cache must be off while capturing), a few hundred
+cast kernels per forward. A graph captured under autocast reads copies of those parameters cast
+once instead, with the same rounding (the outputs are the eager autocast forward's, bit for bit);
+before each replay the copies of parameters changed in place since (``load_state_dict``, any
+in-place update: tracked by the tensors' version counters) are cast again.
+
 Inputs are copied into the graph's static input and the output is cloned out, so callers may keep
 results across calls. With ``batch_buckets`` a batch is padded up to the smallest bucket that holds
 it (rows are independent in eval mode), so the last, smaller batch of each volume of a
@@ -25,12 +32,46 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["CUDAGraphInference", "graphed_for_inference"]
+__all__ = ["CUDAGraphInference", "autocast_cast_parameters", "graphed_for_inference"]
+
+
+# layers whose float32 weight and bias autocast casts to its lower-precision dtype at every call
+_AUTOCAST_CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                         nn.ConvTranspose3d)
+
+
+class _CastParameter:
+    """A parameter, its copy in the autocast dtype, and the parameter's version when it was cast."""
+
+    def __init__(self, param: torch.Tensor, dtype: torch.dtype) -> None:
+        self.param = param
+        with torch.no_grad():
+            self.copy = param.detach().to(dtype)
+        self.version = param._version
+
+    def sync(self) -> None:
+        if self.param._version != self.version:
+            with torch.no_grad():
+                self.copy.copy_(self.param)
+            self.version = self.param._version
+
+
+def autocast_cast_parameters(module: nn.Module, dtype: torch.dtype) -> dict[str, _CastParameter]:
+    """The float32 weights and biases of ``module``'s linear and convolution layers (what autocast
+    casts at every call), by their names in ``module.named_parameters()``, each cast to ``dtype`` once."""
+    out = {}
+    for prefix, layer in module.named_modules():
+        if isinstance(layer, _AUTOCAST_CAST_LAYERS):
+            for name, param in layer.named_parameters(recurse=False):
+                if name in ("weight", "bias") and param.dtype == torch.float32:
+                    out[f"{prefix}.{name}" if prefix else name] = _CastParameter(param, dtype)
+    return out
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, static_in: torch.Tensor, static_out: torch.Tensor) -> None:
-        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_in: torch.Tensor, static_out: torch.Tensor,
+                 cast: dict[str, _CastParameter]) -> None:
+        self.graph, self.static_in, self.static_out, self.cast = graph, static_in, static_out, cast
 
 
 class CUDAGraphInference(nn.Module):
@@ -55,6 +96,7 @@ class CUDAGraphInference(nn.Module):
         if any(b < 1 for b in self.batch_buckets):
             raise ValueError(f"batch_buckets must be positive batch sizes, got {list(batch_buckets)}")
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._cast_once = True  # under autocast, graphs read the weights cast once (False: cast at every call)
         self.training = module.training  # the wrapper starts in its module's mode
 
     # the wrapped module's parameters and buffers under their own names (checkpoints load as is)
@@ -87,20 +129,29 @@ class CUDAGraphInference(nn.Module):
         amp, amp_dtype = key[3], key[4]
         static_in = x.new_zeros(key[0])
         static_in[: x.shape[0]].copy_(x)
+        cast_once = amp and amp_dtype != torch.float32 and self._cast_once
+        cast = autocast_cast_parameters(self.module, amp_dtype) if cast_once else {}
+        replaced = {name: c.copy for name, c in cast.items()}
+
+        def run():
+            if not replaced:
+                return self.module(static_in)
+            return torch.func.functional_call(self.module, replaced, (static_in,), strict=False)
+
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         # the autocast weight cache must be off while capturing (its casts would be freed after it)
         with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp, cache_enabled=False):
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self.module(static_in)
+                    run()
             torch.cuda.current_stream(x.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.module(static_in)
+                static_out = run()
         if not isinstance(static_out, torch.Tensor):
             raise TypeError(f"CUDAGraphInference needs a module returning one tensor, got {type(static_out).__name__}")
-        entry = _Graph(graph, static_in, static_out)
+        entry = _Graph(graph, static_in, static_out, cast)
         self._graphs[key] = entry
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
@@ -115,6 +166,8 @@ class CUDAGraphInference(nn.Module):
             entry = self._capture(x, key)
         else:
             self._graphs.move_to_end(key)
+            for c in entry.cast.values():  # parameters updated in place since the cast
+                c.sync()
         batch = x.shape[0]
         entry.static_in[:batch].copy_(x)  # rows past the batch keep older inputs: they are not returned
         entry.graph.replay()

@@ -1200,8 +1200,11 @@ class SelectiveScanTriton(torch.autograd.Function):
             dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
             step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
             segs, per = scfg["segs_fwd"], scfg["seg_chunks_fwd"]
-            seg_h = torch.empty(batch, max(segs - 1, 1), dim, n_state, dtype=cdt, device=u.device)
-            seg_dt = torch.empty(batch, max(segs - 1, 1), dim, dtype=cdt, device=u.device)
+            if segs > 1:
+                seg_h = torch.empty(batch, segs - 1, dim, n_state, dtype=cdt, device=u.device)
+                seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=u.device)
+            else:  # not read with one segment
+                seg_h = seg_dt = last
             for local in ([True] if segs > 1 else []) + [False]:
                 _fwd_kernel_s[(dim // scfg["BD"], batch, segs - 1 if local else segs)](
                     u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
@@ -1286,8 +1289,11 @@ class SelectiveScanTriton(torch.autograd.Function):
             dD_part = torch.empty(segs * batch, dim, dtype=cdt, device=dev) if D is not None else None
             dbias_part = torch.empty(segs * batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
             step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
-            seg_g = torch.empty(batch, max(segs - 1, 1), dim, n_state, dtype=cdt, device=dev)
-            seg_dt = torch.empty(batch, max(segs - 1, 1), dim, dtype=cdt, device=dev)
+            if segs > 1:
+                seg_g = torch.empty(batch, segs - 1, dim, n_state, dtype=cdt, device=dev)
+                seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=dev)
+            else:  # not read with one segment
+                seg_g = seg_dt = q
             if segs > 1:
                 _bwd_local_kernel_s[(dim // scfg["BD"], batch, segs - 1)](
                     A, Cc, z if z is not None else dummy, dts, dout, seg_g, seg_dt,
