@@ -51,7 +51,6 @@ def main(argv=None):
     ap.add_argument("--before", default=None, help="an older copy of the network's module file")
     ap.add_argument("--variants", nargs="+", default=["current", "channels_last", "tf32"],
                     help="current, channels_last (weights and input), tf32 (float32 matmuls / convs), "
-                         "mssmamba_nchw_resize (MSSMamba's resizes through the channel-first kernel), "
                          "compile (torch.compile, then graphed), graph_casts_each_call (the graphs cast "
                          "the weights at every call under autocast, as before they were cast once)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -82,20 +81,15 @@ def main(argv=None):
             torch._dynamo.config.cache_size_limit = 64
             m = torch.compile(m, dynamic=False)
         models[v] = m
-    mss = sys.modules.get("common.networks.mssmamba")
-
     def options(name):
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
-        if mss is not None:
-            mss.RESIZE_CHANNELS_LAST = name != "mssmamba_nchw_resize"
 
     def inp(name):
         return x.contiguous(memory_format=torch.channels_last) if name == "channels_last" else x
 
-    graphs = {name: CUDAGraphInference(m).eval() for name, m in models.items()}
-    if "graph_casts_each_call" in graphs:
-        graphs["graph_casts_each_call"]._cast_once = False
+    graphs = {name: CUDAGraphInference(m, cast_weights_once=name != "graph_casts_each_call").eval()
+              for name, m in models.items()}
     rows: dict[tuple, dict] = {}
     for precision in args.precisions:
         amp = precision == "bf16"

@@ -84,10 +84,12 @@ class CUDAGraphInference(nn.Module):
         max_graphs: graphs kept (least recently used dropped first); each holds its own memory pool.
         batch_buckets: batch sizes to capture; a batch is padded up to the smallest bucket that holds
             it (larger batches get a graph of their own). ``None``: one graph per batch size seen.
+        cast_weights_once: under autocast, graphs read the conv / linear weights cast once (``False``:
+            cast at every replay, as autocast does eagerly; for comparisons).
     """
 
     def __init__(self, module: nn.Module, warmup: int = 3, max_graphs: int = 8,
-                 batch_buckets: Sequence[int] | None = None) -> None:
+                 batch_buckets: Sequence[int] | None = None, cast_weights_once: bool = True) -> None:
         super().__init__()
         self.module = module
         self.warmup = int(warmup)
@@ -96,7 +98,7 @@ class CUDAGraphInference(nn.Module):
         if any(b < 1 for b in self.batch_buckets):
             raise ValueError(f"batch_buckets must be positive batch sizes, got {list(batch_buckets)}")
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self._cast_once = True  # under autocast, graphs read the weights cast once (False: cast at every call)
+        self.cast_weights_once = bool(cast_weights_once)
         self.training = module.training  # the wrapper starts in its module's mode
 
     # the wrapped module's parameters and buffers under their own names (checkpoints load as is)
@@ -129,7 +131,7 @@ class CUDAGraphInference(nn.Module):
         amp, amp_dtype = key[3], key[4]
         static_in = x.new_zeros(key[0])
         static_in[: x.shape[0]].copy_(x)
-        cast_once = amp and amp_dtype != torch.float32 and self._cast_once
+        cast_once = amp and amp_dtype != torch.float32 and self.cast_weights_once
         cast = autocast_cast_parameters(self.module, amp_dtype) if cast_once else {}
         replaced = {name: c.copy for name, c in cast.items()}
 

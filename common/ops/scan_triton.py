@@ -1289,12 +1289,10 @@ class SelectiveScanTriton(torch.autograd.Function):
             dD_part = torch.empty(segs * batch, dim, dtype=cdt, device=dev) if D is not None else None
             dbias_part = torch.empty(segs * batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
             step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
+            seg_g = seg_dt = q  # not read with one segment
             if segs > 1:
                 seg_g = torch.empty(batch, segs - 1, dim, n_state, dtype=cdt, device=dev)
                 seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=dev)
-            else:  # not read with one segment
-                seg_g = seg_dt = q
-            if segs > 1:
                 _bwd_local_kernel_s[(dim // scfg["BD"], batch, segs - 1)](
                     A, Cc, z if z is not None else dummy, dts, dout, seg_g, seg_dt,
                     dim, length, n_state, n_chunks, per, segs, scb, scg, scn, dpg_c,
