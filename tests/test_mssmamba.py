@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from common.networks.complexity import count_parameters
-from common.networks.mssmamba import HLAEM, MSACBlock, checkpoint_filter_fn, load_pretrained, mssmamba
+from common.networks.mssmamba import (
+    HLAEM,
+    MSACBlock,
+    bilinear_downscale,
+    bilinear_resize,
+    checkpoint_filter_fn,
+    load_pretrained,
+    mssmamba,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +71,24 @@ def test_msacb_and_hlaem_behaviour():
         hlaem.alise2.weight.zero_()
         hlaem.alise2.bias.zero_()
         torch.testing.assert_close(hlaem(x), x)  # the refinement is a residual branch
+
+
+def test_resizing_shortcuts_equal_the_originals_interpolation():
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    for size in (14, 15, 56, 58):
+        x = torch.randn(2, 3, size, size + 2, dtype=torch.float64)
+        for factor in (2, 3, 4):  # the average pools equal the bilinear downscale (3: interpolation itself)
+            ref = F.interpolate(x, scale_factor=1 / factor, mode="bilinear", align_corners=False)
+            torch.testing.assert_close(bilinear_downscale(x, factor), ref, rtol=0, atol=1e-12)
+    # the level-1 1x1 conv commutes with the x2 upsampling (bilinear weights sum to 1: the bias too)
+    conv = torch.nn.Conv2d(8, 4, 1).double()
+    x = torch.randn(1, 8, 14, 14, dtype=torch.float64)
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(bilinear_resize(conv(x), scale_factor=2), conv(up), rtol=0, atol=1e-12)
+    # under autocast the resize keeps the input's dtype (no float32 round trip)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bilinear_resize(x.to(torch.bfloat16), (20, 20)).dtype == torch.bfloat16
 
 
 def _as_original(sd: dict) -> dict:

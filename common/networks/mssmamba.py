@@ -63,6 +63,53 @@ def _conv_bn_act(cin: int, cout: int, k: int, act: nn.Module, bias: bool = False
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias), nn.BatchNorm2d(cout), act)
 
 
+# -------------------------------------------------------------------------------- resizing
+# The original resizes with F.interpolate(mode="bilinear") throughout. Two facts make the same
+# numbers cheaper on a GPU (benchmarks/README.md, "MSSMamba one slice"):
+# - a bilinear downscale by 1/2 or 1/4 (align_corners=False, scale_factor given) samples each output
+#   at the centre between two input pixels per axis, i.e. it is an average pool of 2 x 2 pixels
+#   (offset 1 and stride 4 for 1/4);
+# - PyTorch's CUDA bilinear kernel for channel-first maps runs one thread per output pixel, looping
+#   over batch x channels (a few thousand threads for one 56 x 56 slice); its channels-last kernel
+#   runs one per output element. Under autocast it also runs in float32 (two extra casts).
+
+RESIZE_CHANNELS_LAST = True  # CUDA: resize channel-first maps through the channels-last kernel
+
+
+def bilinear_downscale(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=1 / factor, mode="bilinear", align_corners=False)``, for the
+    factors 1, 2 and 4 computed as the average pool it equals (other factors: interpolation)."""
+    if factor == 1:
+        return x
+    if factor == 2:
+        return F.avg_pool2d(x, 2)
+    if factor == 4:
+        h, w = x.shape[-2] // 4, x.shape[-1] // 4
+        return F.avg_pool2d(x[..., 1:, 1:], 2, stride=4)[..., :h, :w]
+    return bilinear_resize(x, scale_factor=1 / factor)
+
+
+def bilinear_resize(x: torch.Tensor, size: Sequence[int] | None = None, scale_factor: float | None = None,
+                    align_corners: bool = False) -> torch.Tensor:
+    """``F.interpolate(..., mode="bilinear")`` in the input's dtype (also under autocast), on CUDA
+    through the channels-last kernel (the result is then channels-last: same values)."""
+    if x.is_cuda and RESIZE_CHANNELS_LAST and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode="bilinear", align_corners=align_corners)
+
+
+class BilinearUpsample(nn.Module):
+    """``nn.Upsample(scale_factor, mode="bilinear")`` through :func:`bilinear_resize`."""
+
+    def __init__(self, scale_factor: int, align_corners: bool = False) -> None:
+        super().__init__()
+        self.scale_factor, self.align_corners = scale_factor, align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bilinear_resize(x, scale_factor=self.scale_factor, align_corners=self.align_corners)
+
+
 # ----------------------------------------------------------------------------------------- MSACB
 
 
@@ -75,7 +122,8 @@ class ChannelAttention(nn.Module):
                                 nn.Conv2d(channels // reduction, channels, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc(F.adaptive_avg_pool2d(x, 1)) + self.fc(F.adaptive_max_pool2d(x, 1)))
+        # means and maxima over the map (adaptive pools to 1 x 1; the max as a reduction: faster on CUDA)
+        return torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)) + self.fc(x.amax((2, 3), keepdim=True)))
 
 
 class SpatialAttention(nn.Module):
@@ -125,9 +173,8 @@ class MSACBlock(nn.Module):
         size = x.shape[-2:]
         outs = []
         for s, conv in zip(self.scale_factors, self.convs):
-            xs = x if s == 1 else F.interpolate(x, scale_factor=1 / s, mode="bilinear", align_corners=False)
-            y = conv(xs)
-            outs.append(y if s == 1 else F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+            y = conv(bilinear_downscale(x, s))
+            outs.append(y if s == 1 else bilinear_resize(y, size))
         return self.fusion_conv(torch.cat(outs, 1))
 
 
@@ -229,8 +276,8 @@ class HLAEM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         low = self.down(x)
-        high = x - F.interpolate(low, size=size, mode="bilinear", align_corners=True)
-        low_feat = F.interpolate(self.meem(low), size=size, mode="bilinear", align_corners=True)
+        high = x - bilinear_resize(low, size, align_corners=True)
+        low_feat = bilinear_resize(self.meem(low), size, align_corners=True)
         fused = self.alise1(torch.cat([self.cmunextblock(high), low_feat], 1))
         return self.alise2(self.att(fused)) + x
 
@@ -367,7 +414,9 @@ class PyramidFeatures(nn.Module):
         r = self.resnet_layers
         fm1 = r[4](r[3](r[2](r[1](r[0](x)))))
         layers = self.vmunet.layers
-        fm1_ch = self.p1_ch(F.interpolate(fm1, scale_factor=2, mode="bilinear", align_corners=False))
+        # up(x2) then 1x1 conv as in the original, computed in the other order (the same map: both are
+        # linear and the bilinear weights sum to 1) so that 96 channels are resized instead of 256
+        fm1_ch = bilinear_resize(self.p1_ch(fm1), scale_factor=2)
         m1 = self.conv192_96(self._ssm(layers[0], fm1_ch)) + self.cs_block1(fm1)
         fm2 = r[5](fm1)
         m2 = self.conv384_192(self._ssm(layers[1], self.conv96_192(m1))) + self.cs_block2(self.p2_ch(fm2))
@@ -420,7 +469,7 @@ class ConvUpsample(nn.Module):
         for out in out_chans:
             layers += [nn.Conv2d(in_chans, out, 3, padding=1, bias=False), nn.GroupNorm(32, out), nn.ReLU()]
             if upsample:
-                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                layers.append(BilinearUpsample(2))
             in_chans = out
         self.conv_tower = nn.Sequential(*layers)
 
@@ -454,7 +503,7 @@ class MSSMamba(nn.Module):
         self.ConvUp_l = ConvUpsample(96, (128,), upsample=False)
         self.hlaem = HLAEM(128)
         self.conv_pred = nn.Sequential(nn.Conv2d(128, 16, 1), nn.ReLU(inplace=True),
-                                       nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False))
+                                       BilinearUpsample(4))
         self.segmentation_head = nn.Sequential(nn.Conv2d(16, num_classes, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
