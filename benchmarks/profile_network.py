@@ -51,6 +51,10 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--inference", action="store_true", help="profile the forward under no_grad (batch 1 by default)")
+    ap.add_argument("--graphed", action="store_true", help="with --inference: replay the forward from a CUDA graph "
+                    "(CUDAGraphInference, weights cast once under autocast): the kernels a deployed slice runs")
+    ap.add_argument("--ops", type=int, default=0, help="also list the N aten ops with the most device time "
+                    "(which op launched the copies), with their input shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -64,10 +68,16 @@ def main(argv=None):
     x = torch.randn(batch, in_ch, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, classes, (batch, size, size), device=device)
 
+    forward = model
+    if args.graphed:
+        from common.networks.graphs import CUDAGraphInference
+
+        forward = CUDAGraphInference(model).eval()
+
     def step():
         if args.inference:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                model(x)
+                forward(x)
             return
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -77,11 +87,13 @@ def main(argv=None):
 
     if args.inference:
         model.eval()
+    elif args.graphed:
+        raise SystemExit("--graphed profiles inference: add --inference")
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, record_shapes=args.ops > 0) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
@@ -104,12 +116,24 @@ def main(argv=None):
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]
     for name, (ms, n) in top:
         print(f"  {ms:8.2f} ms {n:5d}x  [{category(name)}] {name[:110]}")
+    ops = []
+    if args.ops:
+        for ev in prof.key_averages(group_by_input_shape=True):
+            t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+            if ev.device_type == torch.autograd.DeviceType.CPU and t > 0 and ev.key.startswith("aten::"):
+                ops.append((t / 1000 / args.steps, ev.count // args.steps, ev.key, str(ev.input_shapes)[:90]))
+        ops.sort(reverse=True)
+        print("  top aten ops by self device time (ms/step, calls/step, input shapes):")
+        for ms, n, key, shapes in ops[: args.ops]:
+            print(f"  {ms:8.3f} ms {n:5d}x  {key:28s} {shapes}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(network=args.network, mode=what, backend=args.backend, precision=args.precision, batch=batch,
                            channels_last=args.channels_last, kernel_ms_per_step=round(total, 2),
                            categories={k: round(v, 2) for k, v in cats.items()},
-                           top=[dict(name=n, ms=round(ms, 3), calls=c) for n, (ms, c) in top]), f, indent=1)
+                           top=[dict(name=n, ms=round(ms, 3), calls=c) for n, (ms, c) in top],
+                           ops=[dict(op=k, ms=round(ms, 3), calls=c, shapes=sh) for ms, c, k, sh in ops[: args.ops]]),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,10 @@ def test_step_segments_policy(interpreter):
     assert seg(1024, 1, 10**6, 32, 2) == (32, 32)
     assert seg(11, 1, 10, 1, 2, forced=3) == (3, 4)  # segments of whole save_every groups
     assert seg(784, 96, 1056, 32, 2)[0] == 16
+    # below the threshold, split up to the (higher) aim; at or above it, never
+    assert seg(196, 384, 792, 16, 2, aim=1584) == (8, 26)
+    assert seg(3136, 96, 792, 16, 2, aim=1584)[0] == 32
+    assert seg(784, 1536, 792, 16, 2, aim=1584) == (1, 784)
 
 
 def test_step_kernels_are_not_used_where_they_do_not_apply(interpreter):

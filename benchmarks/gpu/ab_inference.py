@@ -29,6 +29,7 @@ from bench_network import NETWORKS, build  # noqa: E402
 from bench_scan import timed  # noqa: E402
 
 from common.networks.graphs import CUDAGraphInference  # noqa: E402
+from common.ops import scan_triton  # noqa: E402
 
 
 def _load_module_copy(path: str, network: str):
@@ -52,7 +53,9 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=["current", "channels_last", "tf32"],
                     help="current, channels_last (weights and input), tf32 (float32 matmuls / convs), "
                          "compile (torch.compile, then graphed), graph_casts_each_call (the graphs cast "
-                         "the weights at every call under autocast, as before they were cast once)")
+                         "the weights at every call under autocast, as before they were cast once), "
+                         "segments_before (the step scan's time segments as before 2026-12-02: split to "
+                         "6 programs per multiprocessor, segments of at least 32 chunks)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
@@ -83,6 +86,10 @@ def main(argv=None):
         models[v] = m
     def options(name):
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        if name == "segments_before":
+            scan_triton.CONFIG_OVERRIDE["step"] = {"seg_fwd_aim": 6, "min_seg_fwd": 32}
+        else:
+            scan_triton.CONFIG_OVERRIDE.pop("step", None)
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
 
     def inp(name):

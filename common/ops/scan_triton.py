@@ -1103,21 +1103,30 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # states' memory (Mamba-HUNet training peak 18.5 instead of 22.6 GiB in float32).
 # Time segments: where the channels give fewer one-warp programs than "seg_fwd" (forward) or
 # "seg_bwd" (backward) per multiprocessor, the sequence is split into 2, 4, ... segments of at least
-# "min_seg" chunks, each its own program, after a local pass over the segments: a small batch, as in
-# inference (H200, batch 1, 192 @ 4096 N 16: forward 0.83 -> 0.26 ms, 192 @ 12544: 2.54 -> 0.35). At
-# training batches splitting costs more than it gains (batch 16, 192 @ 3136: forward 0.86 -> 1.25 ms
-# with 2 segments), hence the low targets. "segs_fwd" / "segs_bwd" (> 0) force a count.
+# "min_seg_fwd" / "min_seg" chunks, each its own program, after a local pass over the segments, until
+# "seg_fwd_aim" / "seg_bwd" programs per multiprocessor: a small batch, as in inference (H200, batch 1,
+# 192 @ 4096 N 16: forward 0.83 -> 0.26 ms, 192 @ 12544: 2.54 -> 0.35). At training batches
+# splitting costs more than it gains (batch 16, 192 @ 3136: forward 0.86 -> 1.25 ms with 2
+# segments), hence the low thresholds; once splitting, the forward aims higher (12 instead of 6 per
+# multiprocessor, segments of 16 chunks: MSSMamba's one-slice scans, graphed, bf16: 192 @ 12544
+# 0.253 -> 0.205 ms, 384 @ 3136 0.121 -> 0.104, 768 @ 784 0.060 -> 0.053; float32 0.335 -> 0.224,
+# 0.165 -> 0.114, 0.070 -> 0.054; benchmarks/gpu/bench_batch1_scan.py). "segs_fwd" / "segs_bwd"
+# (> 0) force a count.
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
-               "seg_fwd": 6, "seg_bwd": 4, "min_seg": 32, "segs_fwd": 0, "segs_bwd": 0}
+               "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
+               "segs_fwd": 0, "segs_bwd": 0}
 
 
-def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every: int, forced: int = 0):
-    """(segments, chunks per segment): the fewest power-of-two segments (``forced`` if > 0) that bring
-    ``programs`` to ``target``, each at least ``min_chunks`` chunks, a multiple of ``every``."""
+def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every: int, forced: int = 0,
+              aim: int = 0):
+    """(segments, chunks per segment): where ``programs`` is below ``target``, the fewest power-of-two
+    segments (``forced`` if > 0) that bring it to ``max(target, aim)``, each at least ``min_chunks``
+    chunks, a multiple of ``every``."""
     s = forced
     if s <= 0:
         s = 1
-        while programs * s < target and n_chunks >= 2 * s * min_chunks:
+        goal = max(target, aim) if programs < target else 0
+        while programs * s < goal and n_chunks >= 2 * s * min_chunks:
             s *= 2
     per = triton.cdiv(triton.cdiv(n_chunks, s), every) * every
     return triton.cdiv(n_chunks, per), per
@@ -1146,8 +1155,8 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     n_chunks = triton.cdiv(length, 4)
     every = conf["save_every"]
     gpu = device.type == "cuda"  # under the interpreter (tests): only forced counts
-    segs_f, per_f = _segments(n_chunks, (dim // bd) * batch, conf["seg_fwd"] * sms * gpu, conf["min_seg"], every,
-                              conf["segs_fwd"])
+    segs_f, per_f = _segments(n_chunks, (dim // bd) * batch, conf["seg_fwd"] * sms * gpu, conf["min_seg_fwd"],
+                              every, conf["segs_fwd"], conf["seg_fwd_aim"] * sms * gpu)
     segs_b, per_b = _segments(n_chunks, (dim // (nsub * bd)) * batch, conf["seg_bwd"] * sms * gpu,
                               conf["min_seg"], every, conf["segs_bwd"])
     return dict(BD=bd, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
