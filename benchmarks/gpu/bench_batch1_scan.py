@@ -53,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--network", choices=sorted(SHAPES), default="mssmamba")
     ap.add_argument("--aim", type=int, nargs="+", default=[12], help="STEP_CONFIG['seg_fwd_aim'] values")
     ap.add_argument("--min-seg", type=int, nargs="+", default=[32])
+    ap.add_argument("--batch", type=int, default=1, help="slices per call (small batches split too)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -60,21 +61,21 @@ def main(argv=None):
     for d, h, w, n, calls in SHAPES[args.network]:
         L, k = h * w, 4
         g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(1, d, h, w, device=dev, generator=g)
-        dt = torch.randn(1, k * d, L, device=dev, generator=g) * 0.5
+        x = torch.randn(args.batch, d, h, w, device=dev, generator=g)
+        dt = torch.randn(args.batch, k * d, L, device=dev, generator=g) * 0.5
         A = -torch.rand(k * d, n, device=dev, generator=g) - 0.5
-        B = torch.randn(1, k, n, L, device=dev, generator=g)
-        C = torch.randn(1, k, n, L, device=dev, generator=g)
+        B = torch.randn(args.batch, k, n, L, device=dev, generator=g)
+        C = torch.randn(args.batch, k, n, L, device=dev, generator=g)
         D = torch.ones(k * d, device=dev)
         bias = torch.zeros(k * d, device=dev)
         for dtype in (torch.float32, torch.bfloat16):
-            xs = cross_scan(x.to(dtype)).reshape(1, k * d, L)
+            xs = cross_scan(x.to(dtype)).reshape(args.batch, k * d, L)
             dti, Bi, Ci = dt.to(dtype), B.to(dtype), C.to(dtype)
-            row = dict(d_inner=d, H=h, W=w, N=n, calls=calls, dtype=str(dtype).split(".")[-1])
+            row = dict(batch=args.batch, d_inner=d, H=h, W=w, N=n, calls=calls, dtype=str(dtype).split(".")[-1])
             for seg in args.aim:
                 for ms in args.min_seg:
                     scan_triton.CONFIG_OVERRIDE["step"] = {"seg_fwd_aim": seg, "min_seg_fwd": ms}
-                    conf = scan_triton._step_config(k * d, L, n, k * d // k, 1, False, False, dev)
+                    conf = scan_triton._step_config(k * d, L, n, k * d // k, args.batch, False, False, dev)
                     t = graphed_ms(
                         functools.partial(scan_triton.selective_scan_triton, xs, dti, A, Bi, Ci, D, None, bias, True)
                     )
@@ -83,7 +84,7 @@ def main(argv=None):
             scan_triton.CONFIG_OVERRIDE.pop("step", None)
             xd = x.to(dtype)
             row["cross_scan_ms"] = round(graphed_ms(functools.partial(cross_scan, xd)), 4)
-            ys = torch.randn(1, k, d, L, device=dev, dtype=dtype)
+            ys = torch.randn(args.batch, k, d, L, device=dev, dtype=dtype)
             row["cross_merge_ms"] = round(graphed_ms(functools.partial(cross_merge, ys, h, w)), 4)
             print(json.dumps(row), flush=True)
             rows.append(row)
