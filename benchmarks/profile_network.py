@@ -57,6 +57,8 @@ def main(argv=None):
                     "(which op launched the copies), with their input shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.graphed and not args.inference:
+        ap.error("--graphed profiles inference: add --inference")
     device = torch.device("cuda")
     _, classes, in_ch, size, batch = NETWORKS[args.network]
     batch = args.batch or (1 if args.inference else batch)
@@ -87,8 +89,6 @@ def main(argv=None):
 
     if args.inference:
         model.eval()
-    elif args.graphed:
-        raise SystemExit("--graphed profiles inference: add --inference")
     for _ in range(3):
         step()
     torch.cuda.synchronize()

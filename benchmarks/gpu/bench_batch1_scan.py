@@ -75,7 +75,7 @@ def main(argv=None):
             for seg in args.aim:
                 for ms in args.min_seg:
                     scan_triton.CONFIG_OVERRIDE["step"] = {"seg_fwd_aim": seg, "min_seg_fwd": ms}
-                    conf = scan_triton._step_config(k * d, L, n, k * d // k, args.batch, False, False, dev)
+                    conf = scan_triton._step_config(k * d, L, n, d, args.batch, False, False, dev)
                     t = graphed_ms(
                         functools.partial(scan_triton.selective_scan_triton, xs, dti, A, Bi, Ci, D, None, bias, True)
                     )

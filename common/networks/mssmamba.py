@@ -65,7 +65,7 @@ def _conv_bn_act(cin: int, cout: int, k: int, act: nn.Module, bias: bool = False
 
 # -------------------------------------------------------------------------------- resizing
 # The original resizes with F.interpolate(mode="bilinear") throughout. Two facts make the same
-# numbers cheaper on a GPU (benchmarks/README.md, "MSSMamba one slice"):
+# numbers cheaper on a GPU (benchmarks/README.md, "One slice outside the scan"):
 # - a bilinear downscale by 1/2 or 1/4 (align_corners=False, scale_factor given) samples each output
 #   at the centre between two input pixels per axis, i.e. it is an average pool of 2 x 2 pixels
 #   (offset 1 and stride 4 for 1/4);
