@@ -36,12 +36,21 @@ NETWORKS = {
 _SIZED = {"mssmamba": "img_size"}
 
 
+# SS2D's bidirectional scan (the default); False: the four-copy cross-scan, for comparisons (--four-copy)
+BIDIRECTIONAL = True
+
+
 def build(name: str, backend: str, size: int):
     target, classes, in_ch, _, _ = NETWORKS[name]
     module, fn = target.split(":")
     mod = __import__(module, fromlist=[fn])
     sized = {_SIZED[name]: size} if name in _SIZED else {}
-    return getattr(mod, fn)(in_channels=in_ch, num_classes=classes, scan_backend=backend, **sized)
+    model = getattr(mod, fn)(in_channels=in_ch, num_classes=classes, scan_backend=backend, **sized)
+    if not BIDIRECTIONAL:
+        for m in model.modules():
+            if hasattr(m, "bidirectional_scan"):
+                m.bidirectional_scan = False
+    return model
 
 
 def measure(network: str, backend: str, precision: str, batch: int, size: int, device, repeat: int,
@@ -144,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--graph-train", action="store_true", help="replay the whole training step from a CUDA graph")
     ap.add_argument("--time-config", default="", help="use the triton time-in-thread kernels, BLOCK_L,LN,NW,cap")
     ap.add_argument("--step-config", default="", help="JSON merged into the triton step kernels' STEP_CONFIG")
+    ap.add_argument("--four-copy", action="store_true",
+                    help="SS2D's four-direction copy around the scan instead of its bidirectional scan")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for float32 matmuls / convolutions")
     args = ap.parse_args(argv)
     if args.time_config:
@@ -154,6 +165,8 @@ def main(argv=None):
         from common.ops import scan_triton
 
         scan_triton.STEP_CONFIG.update(json.loads(args.step_config))
+    global BIDIRECTIONAL
+    BIDIRECTIONAL = not args.four_copy
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

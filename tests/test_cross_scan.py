@@ -12,6 +12,9 @@ import torch
 
 from common.ops import resolve_backend
 from common.ops.cross_scan import (
+    bidirectional_scan_available,
+    bidirectional_selective_scan,
+    bidirectional_selective_scan_ref,
     cross_merge,
     cross_scan,
     cross_selective_scan,
@@ -139,3 +142,89 @@ def test_shape_errors_name_the_argument():
         cross_selective_scan(x.flatten(2), delta, A, B, C, D, bias, backend="torch")
     with pytest.raises(ValueError, match="A must be"):
         cross_selective_scan(x, delta, A[:4], B, C, D, bias, backend="torch")
+
+
+def make_bidirectional(batch, g, d, length, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, g, d, length, generator=gen)
+    delta = torch.randn(batch, 2 * g, d, length, generator=gen) * 0.5
+    A = -torch.exp(torch.randn(2 * g * d, n, generator=gen) * 0.5)
+    B = torch.randn(batch, 2 * g, n, length, generator=gen)
+    C = torch.randn(batch, 2 * g, n, length, generator=gen)
+    D = torch.randn(2 * g * d, generator=gen)
+    bias = torch.randn(2 * g * d, generator=gen) * 0.5
+    return [t.to(DEVICE) for t in (u, delta, A, B, C, D, bias)]
+
+
+def test_bidirectional_reference_is_forward_and_reversed_scans():
+    from common.ops import selective_scan_ref
+
+    u, delta, A, B, C, D, bias = [t.double().cpu() for t in make_bidirectional(1, 2, 2, 5, 3)]
+    y = bidirectional_selective_scan_ref(u, delta, A, B, C, D, bias, True, backend="ref")
+    for s in range(4):  # slot s: sequence s // 2, reversed in time when s is odd
+        g, rev = s // 2, s % 2 == 1
+        sl = slice(s * 2, (s + 1) * 2)
+
+        def order(t, rev=rev):
+            return t.flip(-1) if rev else t
+
+        ys = selective_scan_ref(order(u[:, g]), order(delta[:, s]), A[sl], order(B[:, s]), order(C[:, s]), D[sl],
+                                None, bias[sl], True)
+        torch.testing.assert_close(y[:, s], order(ys))
+
+
+@pytest.mark.parametrize("length,segs", [(13, (0, 0)), (37, (4, 2))])
+def test_bidirectional_triton_matches_the_reversed_copies(triton_mod, length, segs):
+    # odd lengths: a backward scan's last chunk is partly before position 0; forced time segments
+    triton_mod.CONFIG_OVERRIDE["step"] = {"segs_fwd": segs[0], "segs_bwd": segs[1]}
+    inputs = make_bidirectional(2 if length < 20 else 1, 2 if length < 20 else 1, 8, length, 16)
+    names = ["u", "delta", "A", "B", "C", "D", "delta_bias"]
+
+    def run_b(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        y = fn(*leaves[:5], D=leaves[5], delta_bias=leaves[6], delta_softplus=True)
+        gen = torch.Generator().manual_seed(1)
+        (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)).sum().backward()
+        return {"y": y.detach()} | {"d" + k: leaf.grad for k, leaf in zip(names, leaves)}
+
+    got = run_b(lambda *a, **k: bidirectional_selective_scan(*a, **k, backend="triton"))
+    want = run_b(lambda *a, **k: bidirectional_selective_scan_ref(*a, **k, backend="ref"))
+    compare(got, want, 1e-5)
+
+
+def test_ss2d_bidirectional_and_four_copy_paths_agree(triton_mod):
+    from common.networks.blocks import SS2D
+
+    torch.manual_seed(0)
+    m = SS2D(8, d_state=8, scan_backend="triton").to(DEVICE)
+    assert bidirectional_scan_available("triton", DEVICE, m.d_inner, m.d_state)
+    x = torch.randn(1, 3, 5, 8, device=DEVICE)
+    outs = []
+    for bidirectional in (True, False):
+        m.bidirectional_scan = bidirectional
+        m.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        outs.append({"y": y.detach(), "dx": xi.grad} | {k: p.grad.clone() for k, p in m.named_parameters()})
+    compare(outs[0], outs[1], 1e-5)
+
+
+def test_bidirectional_needs_the_triton_step_kernels(monkeypatch):
+    monkeypatch.delenv("MAMBA_BUNDLES_SCAN_BACKEND", raising=False)
+    assert not bidirectional_scan_available("torch", "cpu", 16, 16)
+    assert not bidirectional_scan_available(None, "cpu", 16, 16)
+    if CUDA and resolve_backend(None, "cuda") == "triton":
+        assert bidirectional_scan_available(None, "cuda", 16, 16)
+        assert not bidirectional_scan_available(None, "cuda", 16, 1)  # N = 1: the tile kernels
+        assert not bidirectional_scan_available(None, "cuda", 12, 16)  # slots of a multiple of 8 channels
+    u, delta, A, B, C, D, bias = make_bidirectional(1, 2, 2, 5, 3)
+    with pytest.raises(ValueError, match="delta must be"):
+        bidirectional_selective_scan(u, delta[:, :2], A, B, C, D, bias, backend="torch")
+    with pytest.raises(ValueError, match=r"u must be \(batch, G, d, L\)"):
+        bidirectional_selective_scan(u[0], delta, A, B, C, D, bias, backend="torch")
+    with pytest.raises(ValueError, match="C must be"):
+        bidirectional_selective_scan(u, delta, A, B, C[..., :4], D, bias, backend="torch")
+    # torch gives the reference's numbers
+    torch.testing.assert_close(bidirectional_selective_scan(u, delta, A, B, C, D, bias, True, backend="torch"),
+                               bidirectional_selective_scan_ref(u, delta, A, B, C, D, bias, True, backend="ref"))

@@ -64,7 +64,8 @@ def main(argv=None):
                          "the weights at every call under autocast, as before they were cast once), "
                          "segments_before (the step scan's time segments as before 2026-12-02: split to "
                          "6 programs per multiprocessor, segments of at least 32 chunks), ln_input_dtype (nn.LayerNorm "
-                         "in the input's dtype under autocast instead of float32 in and out; changes the numbers)")
+                         "in the input's dtype under autocast instead of float32 in and out; changes the numbers), "
+                         "four_copy (SS2D's four-direction copy around the scan, as before its bidirectional scan)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
@@ -89,6 +90,10 @@ def main(argv=None):
         m.load_state_dict(state)
         if v == "channels_last":
             m = m.to(memory_format=torch.channels_last)
+        if v == "four_copy":
+            for mod in m.modules():
+                if hasattr(mod, "bidirectional_scan"):
+                    mod.bidirectional_scan = False
         if v == "ln_input_dtype":
             for mod in m.modules():
                 if type(mod) is torch.nn.LayerNorm:  # not the channel-first subclasses

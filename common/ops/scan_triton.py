@@ -40,6 +40,14 @@ go to per-(batch, channel) buffers summed afterwards; the time-varying ``dB`` an
 the channels of a group) are added with float atomics, one per program and element, or stored
 directly when one program covers a group.
 
+Bidirectional mode (``rev_slot=d``, :func:`bidirectional_selective_scan_triton`; the step kernels only):
+the channels come in slots of ``d``, slot ``2g`` scanning sequence ``g`` of ``u`` ``(batch, dim / 2, L)``
+forward and slot ``2g + 1`` backward, every per-step input and output at the sequence's positions. A
+backward slot's forward blocks load each 4-step chunk at positions ``L - 4 - 4c + (0..3)`` (still one
+contiguous vector) and walk it in reverse in registers; its backward blocks address step ``t`` at
+``L - 1 - t``. ``du`` is summed over each sequence's two slots. SS2D uses it by default for N = 16: the
+cross-scan is then one transposed copy (no flips, no concatenation).
+
 Fused cross-scan mode (``spatial=(H, W)``, :func:`cross_selective_scan_triton`): the kernels read
 the ``(B, D, H, W)`` map and the per-direction inputs at the map position of each step of each of
 the four SS2D directions (``_pos``) and write the outputs there: no ``(B, 4, D, L)`` copy.
@@ -68,7 +76,8 @@ import triton.language as tl
 
 from .scan_ref import check_scan_inputs
 
-__all__ = ["selective_scan_triton", "cross_selective_scan_triton", "SelectiveScanTriton", "pick_config",
+__all__ = ["selective_scan_triton", "cross_selective_scan_triton", "bidirectional_selective_scan_triton",
+           "bidirectional_step_available", "SelectiveScanTriton", "pick_config",
            "CONFIG_OVERRIDE", "TIME_IN_THREAD_CONFIG"]
 
 # Were the kernels of this module object built for the interpreter (CPU tensors)?
@@ -635,16 +644,38 @@ def _join4(x0, x1, x2, x3, P: tl.constexpr, Q: tl.constexpr):
     return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (P, Q, 4))
 
 
+@triton.jit
+def _flip4(x0, x1, x2, x3, rv):
+    # the four steps reversed where rv (a backward scan's block), as they are elsewhere
+    return tl.where(rv, x3, x0), tl.where(rv, x2, x1), tl.where(rv, x1, x2), tl.where(rv, x0, x3)
+
+
+@triton.jit
+def _rev_urow(pid_b, dim, d0, dd, slot, L):
+    # the u row of channels dd (block d0) in the bidirectional mode: channel i of slot 2g or 2g + 1 reads
+    # channel i of sequence g, u being (batch, dim / 2, L)
+    return (pid_b * (dim // 2) + (d0 // (2 * slot)) * slot + d0 % slot + (dd - d0)).to(tl.int64) * L
+
+
+@triton.jit
+def _rev_pos(t, L, rv, REV: tl.constexpr):
+    # the memory position of step t (a backward block's step t lies at L - 1 - t)
+    if REV:
+        return tl.where(rv, L - 1 - t, t)
+    else:
+        return t
+
+
 @triton.jit(do_not_specialize=["st_n"])
 def _fwd_kernel_s(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, states_ptr, dts_ptr, seg_h_ptr, seg_dt_ptr,
-    dim, L, n_state, n_chunks, n_saved, st_n, seg_chunks, n_segs,
+    dim, L, n_state, n_chunks, n_saved, st_n, seg_chunks, n_segs, slot,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr, REV: tl.constexpr,
 ):
     # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (BD channels, BN states, 4 steps)
     # with the time axis last: the loads of B and C (broadcast over the channels) are contiguous 4-step
@@ -659,6 +690,11 @@ def _fwd_kernel_s(
     # from a zero state and stores that end state and the segment's summed dt (the segment's decay is
     # exp(A * sum dt)), for segments 0 .. n_segs - 2; the full pass then starts segment s from the
     # state composed of the segments before it.
+    #
+    # REV (the bidirectional mode, bidirectional_selective_scan_triton): the channels come in slots of
+    # `slot`, slot 2g scanning sequence g of u (batch, dim / 2, L) forward and slot 2g + 1 backward. A
+    # backward block reads and writes the 4 positions of chunk c in memory order, L - 4 - 4c + (0..3),
+    # and walks them in reverse in registers.
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     BL: tl.constexpr = 4
     pid_d = tl.program_id(0)
@@ -675,6 +711,11 @@ def _fwd_kernel_s(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + dd).to(CDT)
     row = (pid_b * dim + dd).to(tl.int64) * L
+    urow = row
+    rv = d0 < 0  # False
+    if REV:
+        urow = _rev_urow(pid_b, dim, d0, dd, slot, L)
+        rv = (d0 // slot) % 2 == 1
     b_off = pid_b * sb_batch + (d0 // dpg_b) * sb_group + nn * sb_n + 0 * dd
     c_off = pid_b * sc_batch + (d0 // dpg_c) * sc_group + nn * sc_n + 0 * dd
     c_lo = pid_s * seg_chunks
@@ -688,10 +729,14 @@ def _fwd_kernel_s(
     h = tl.reshape(h3, (BD, BN))
     sdt = tl.full((BD, 1, 1), 0.0, dtype=CDT)
     for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
-        t = c * BL + tt
-        mask_t = t < L
+        if REV:  # the chunk's positions in memory order
+            t = tl.where(rv, L - BL - c * BL, c * BL) + tt
+            mask_t = (t >= 0) & (t < L)
+        else:
+            t = c * BL + tt
+            mask_t = t < L
         mnt = mask_n & mask_t
-        u = tl.load(u_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
+        u = tl.load(u_ptr + urow + t, mask=mask_t, other=0.0).to(CDT)
         dt = tl.load(dt_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
         if HAS_BIAS:
             dt = dt + bias
@@ -707,12 +752,19 @@ def _fwd_kernel_s(
             tl.store(dts_ptr + row + t, dt, mask=mask_t)
         a0, a1, a2, a3 = _split4(tl.exp2(dt * A2), BD, BN)
         b0, b1, b2, b3 = _split4((dt * u) * tl.load(B_ptr + b_off + t, mask=mnt, other=0.0).to(CDT), BD, BN)
+        if REV:  # into time order
+            a0, a1, a2, a3 = _flip4(a0, a1, a2, a3, rv)
+            b0, b1, b2, b3 = _flip4(b0, b1, b2, b3, rv)
         h0 = a0 * h + b0
         h1 = a1 * h0 + b1
         h2 = a2 * h1 + b2
         h = a3 * h2 + b3
         if not LOCAL:
-            hh = _join4(h0, h1, h2, h, BD, BN)
+            if REV:  # back into memory order
+                o0, o1, o2, o3 = _flip4(h0, h1, h2, h, rv)
+                hh = _join4(o0, o1, o2, o3, BD, BN)
+            else:
+                hh = _join4(h0, h1, h2, h, BD, BN)
             y = _sum(hh * tl.load(C_ptr + c_off + t, mask=mnt, other=0.0).to(CDT), 1)[:, None, :]
             if HAS_D:
                 y = y + u * Dv
@@ -729,11 +781,12 @@ def _fwd_kernel_s(
 
 
 @triton.jit
-def _s_recompute(h, A2, row, t, L, u_ptr, dts_ptr, Bv, CDT: tl.constexpr):
-    # one step of the forward recurrence from the state h before it: (a h, the new state, a, u, dt)
+def _s_recompute(h, A2, row, urow, t, p, L, u_ptr, dts_ptr, Bv, CDT: tl.constexpr):
+    # one step of the forward recurrence from the state h before it: (a h, the new state, a, u, dt);
+    # step t lies at memory position p
     m = (row * 0 + t) < L  # a tensor mask (under the interpreter t is a Python int)
-    u = tl.load(u_ptr + row + t, mask=m, other=0.0).to(CDT)
-    dt = tl.load(dts_ptr + row + t, mask=m, other=0.0)
+    u = tl.load(u_ptr + urow + p, mask=m, other=0.0).to(CDT)
+    dt = tl.load(dts_ptr + row + p, mask=m, other=0.0)
     a = tl.exp2(dt * A2)
     ah = a * h
     return ah, ah + (dt * u) * Bv, a, u, dt
@@ -741,21 +794,21 @@ def _s_recompute(h, A2, row, t, L, u_ptr, dts_ptr, Bv, CDT: tl.constexpr):
 
 @triton.jit
 def _s_adjoint(
-    g, ah, hh, a, u, dt, Bv, Cv, A, Dv, row, t, L, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias,
+    g, ah, hh, a, u, dt, Bv, Cv, A, Dv, row, t, p, L, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr,
 ):
     # one step of the adjoint recurrence, walking back: g carries a[t+1] q[t+1], so
     # q[t] = C[t] dy[t] + g and the next g = a[t] q[t]; returns g, the step's dB and dC terms (summed
     # over the channels by the caller) and the per-channel sums
     m = (row * 0 + t) < L
-    dout = tl.load(dout_ptr + row + t, mask=m, other=0.0).to(CDT)
+    dout = tl.load(dout_ptr + row + p, mask=m, other=0.0).to(CDT)
     if HAS_Z:
-        zv = tl.load(z_ptr + row + t, mask=m, other=0.0).to(CDT)
+        zv = tl.load(z_ptr + row + p, mask=m, other=0.0).to(CDT)
         y = _sum(hh * Cv, 1)[:, None]
         if HAS_D:
             y = y + u * Dv
         sig = 1.0 / (1.0 + tl.exp(-zv))
-        tl.store(dz_ptr + row + t, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(dz_ptr + row + p, (dout * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=m)
         dy = dout * zv * sig
     else:
         dy = dout
@@ -775,18 +828,18 @@ def _s_adjoint(
         ddt = ddt * tl.where(dt < 0.01, dt * (1.0 - dt * (0.5 - dt / 6.0)), 1.0 - tl.exp(-dt))
     ddt = tl.where(m, ddt, 0.0)
     dbias = dbias + ddt
-    tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=m)
-    tl.store(ddt_ptr + row + t, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+    tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=m)
+    tl.store(ddt_ptr + row + p, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
     return g, pB, pC, dA, dD, dbias
 
 
 @triton.jit
 def _s_block(
-    g, dA, dD, dbias, A, Dv, d0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
+    g, dA, dD, dbias, A, Dv, d0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
     B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
     u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
     BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CDT: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    CDT: tl.constexpr, SAVE_EVERY: tl.constexpr, REV: tl.constexpr,
 ):
     # one block of BD channels through one 4-step chunk: the states from the stored state (advanced
     # over the chunks since it, when the forward stored every SAVE_EVERY-th), then the adjoint steps in
@@ -794,6 +847,9 @@ def _s_block(
     dd = d0 + tl.arange(0, BD)[:, None]
     nn = tl.arange(0, BN)[None, :]
     row = (pid_b * dim + dd).to(tl.int64) * L
+    urow = row
+    if REV:
+        urow = _rev_urow(pid_b, dim, d0, dd, slot, L)
     t0 = c * 4
     # st_n = 1, passed unspecialized: the state tile is then read in the compute layout, not as vectors
     h = tl.load(states_ptr + ((pid_b * n_saved + c // SAVE_EVERY) * dim + dd) * n_state + nn * st_n, mask=mask_n,
@@ -802,46 +858,53 @@ def _s_block(
     if SAVE_EVERY > 1:
         for k in range(c - c % SAVE_EVERY, c):
             for j in tl.static_range(4):
-                Bk = _s_load_bc(B_ptr, b_full, k * 4 + j, L, mask_n, CDT)
-                _, h, _, _, _ = _s_recompute(h, A2, row, k * 4 + j, L, u_ptr, dts_ptr, Bk, CDT)
-    ah0, h0, a0, u0, dt0 = _s_recompute(h, A2, row, t0, L, u_ptr, dts_ptr, B0, CDT)
-    ah1, h1, a1, u1, dt1 = _s_recompute(h0, A2, row, t0 + 1, L, u_ptr, dts_ptr, B1, CDT)
-    ah2, h2, a2, u2, dt2 = _s_recompute(h1, A2, row, t0 + 2, L, u_ptr, dts_ptr, B2, CDT)
-    ah3, h3, a3, u3, dt3 = _s_recompute(h2, A2, row, t0 + 3, L, u_ptr, dts_ptr, B3, CDT)
-    g, pB3, pC3, dA, dD, dbias = _s_adjoint(g, ah3, h3, a3, u3, dt3, B3, C3, A, Dv, row, t0 + 3, L, z_ptr, dout_ptr,
+                tk = k * 4 + j
+                pk = _rev_pos(tk, L, rv, REV)
+                Bk = _s_load_bc(B_ptr, b_full, tk, pk, L, mask_n, CDT)
+                _, h, _, _, _ = _s_recompute(h, A2, row, urow, tk, pk, L, u_ptr, dts_ptr, Bk, CDT)
+    p0 = _rev_pos(t0, L, rv, REV)
+    p1 = _rev_pos(t0 + 1, L, rv, REV)
+    p2 = _rev_pos(t0 + 2, L, rv, REV)
+    p3 = _rev_pos(t0 + 3, L, rv, REV)
+    ah0, h0, a0, u0, dt0 = _s_recompute(h, A2, row, urow, t0, p0, L, u_ptr, dts_ptr, B0, CDT)
+    ah1, h1, a1, u1, dt1 = _s_recompute(h0, A2, row, urow, t0 + 1, p1, L, u_ptr, dts_ptr, B1, CDT)
+    ah2, h2, a2, u2, dt2 = _s_recompute(h1, A2, row, urow, t0 + 2, p2, L, u_ptr, dts_ptr, B2, CDT)
+    ah3, h3, a3, u3, dt3 = _s_recompute(h2, A2, row, urow, t0 + 3, p3, L, u_ptr, dts_ptr, B3, CDT)
+    g, pB3, pC3, dA, dD, dbias = _s_adjoint(g, ah3, h3, a3, u3, dt3, B3, C3, A, Dv, row, t0 + 3, p3, L, z_ptr, dout_ptr,
                                             du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
-    g, pB2, pC2, dA, dD, dbias = _s_adjoint(g, ah2, h2, a2, u2, dt2, B2, C2, A, Dv, row, t0 + 2, L, z_ptr, dout_ptr,
+    g, pB2, pC2, dA, dD, dbias = _s_adjoint(g, ah2, h2, a2, u2, dt2, B2, C2, A, Dv, row, t0 + 2, p2, L, z_ptr, dout_ptr,
                                             du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
-    g, pB1, pC1, dA, dD, dbias = _s_adjoint(g, ah1, h1, a1, u1, dt1, B1, C1, A, Dv, row, t0 + 1, L, z_ptr, dout_ptr,
+    g, pB1, pC1, dA, dD, dbias = _s_adjoint(g, ah1, h1, a1, u1, dt1, B1, C1, A, Dv, row, t0 + 1, p1, L, z_ptr, dout_ptr,
                                             du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
-    g, pB0, pC0, dA, dD, dbias = _s_adjoint(g, ah0, h0, a0, u0, dt0, B0, C0, A, Dv, row, t0, L, z_ptr, dout_ptr,
+    g, pB0, pC0, dA, dD, dbias = _s_adjoint(g, ah0, h0, a0, u0, dt0, B0, C0, A, Dv, row, t0, p0, L, z_ptr, dout_ptr,
                                             du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
     return g, dA, dD, dbias, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3
 
 
 @triton.jit
-def _s_load_bc(ptr, off, t, L, mask_n, CDT: tl.constexpr):
-    return tl.load(ptr + off + t, mask=mask_n & (off * 0 + t < L), other=0.0).to(CDT)
+def _s_load_bc(ptr, off, t, p, L, mask_n, CDT: tl.constexpr):
+    # step t of a B or C row, at memory position p
+    return tl.load(ptr + off + p, mask=mask_n & (off * 0 + t < L), other=0.0).to(CDT)
 
 
 @triton.jit
-def _s_put(ptr, off, first, t, L, mask_n, val, ATOMIC: tl.constexpr):
+def _s_put(ptr, off, first, t, p, L, mask_n, val, ATOMIC: tl.constexpr):
     # a time-varying dB / dC step, summed over the program's channels; written from the full-shape tile
     # (off, first: (BD, BN)), so that it keeps the compute layout: a store from every channel lane (the
     # same value to the same address), or an atomic from the first channel's lanes
     v = _sum(val, 0)[None, :] + 0.0 * val
     if ATOMIC:
-        tl.atomic_add(ptr + off + t, v, mask=first & mask_n & (off * 0 + t < L), sem="relaxed")
+        tl.atomic_add(ptr + off + p, v, mask=first & mask_n & (off * 0 + t < L), sem="relaxed")
     else:
-        tl.store(ptr + off + t, v, mask=mask_n & (off * 0 + t < L))
+        tl.store(ptr + off + p, v, mask=mask_n & (off * 0 + t < L))
 
 
 @triton.jit
 def _bwd_local_kernel_s(
     A_ptr, C_ptr, z_ptr, dts_ptr, dout_ptr, seg_g_ptr, seg_dt_ptr,
-    dim, L, n_state, n_chunks, seg_chunks, n_segs,
+    dim, L, n_state, n_chunks, seg_chunks, n_segs, slot,
     sc_batch, sc_group, sc_n, dpg_c,
-    HAS_Z: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, REV: tl.constexpr,
 ):
     # The backward's local pass over time segment s + 1 (s = program axis 2): the adjoint recurrence
     # g <- a[t] (C[t] dy[t] + g) walked back over the segment from g = 0, and the segment's summed dt.
@@ -857,6 +920,9 @@ def _bwd_local_kernel_s(
     mask_n = nn < n_state
     A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
     row = (pid_b * dim + dd).to(tl.int64) * L
+    rv = d0 < 0  # False
+    if REV:
+        rv = (d0 // slot) % 2 == 1
     c_full = pid_b * sc_batch + (d0 // dpg_c) * sc_group + nn * sc_n + 0 * dd
     c_lo = (pid_s + 1) * seg_chunks
     c_hi = tl.minimum(n_chunks, c_lo + seg_chunks)
@@ -866,14 +932,15 @@ def _bwd_local_kernel_s(
         t0 = (c_hi - 1 - i) * 4
         for j in tl.static_range(4):
             t = t0 + 3 - j
+            p = _rev_pos(t, L, rv, REV)
             m = (row * 0 + t) < L
-            dy = tl.load(dout_ptr + row + t, mask=m, other=0.0).to(CDT)
+            dy = tl.load(dout_ptr + row + p, mask=m, other=0.0).to(CDT)
             if HAS_Z:
-                zv = tl.load(z_ptr + row + t, mask=m, other=0.0).to(CDT)
+                zv = tl.load(z_ptr + row + p, mask=m, other=0.0).to(CDT)
                 dy = dy * zv / (1.0 + tl.exp(-zv))
-            dt = tl.load(dts_ptr + row + t, mask=m, other=0.0)
+            dt = tl.load(dts_ptr + row + p, mask=m, other=0.0)
             sdt += dt
-            g = tl.exp2(dt * A2) * (dy * _s_load_bc(C_ptr, c_full, t, L, mask_n, CDT) + g)
+            g = tl.exp2(dt * A2) * (dy * _s_load_bc(C_ptr, c_full, t, p, L, mask_n, CDT) + g)
     seg = (pid_b * (n_segs - 1) + pid_s) * dim + dd
     tl.store(seg_g_ptr + seg * n_state + nn, g, mask=mask_n)
     tl.store(seg_dt_ptr + seg, sdt)
@@ -897,12 +964,13 @@ def _bwd_kernel_s(
     u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
     states_ptr, dts_ptr, dout_ptr, q_ptr, seg_g_ptr, seg_dt_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    dim, L, n_state, n_chunks, n_saved, st_n, part_b, part_c, seg_chunks, n_segs, n_batch,
+    dim, L, n_state, n_chunks, n_saved, st_n, part_b, part_c, seg_chunks, n_segs, n_batch, slot,
     sb_batch, sb_group, sb_n, dpg_b,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    REV: tl.constexpr,
 ):
     # "step" backward. Per-step (BD, BN) tiles: nothing has a time axis, so the layout is the same
     # everywhere (8 channel lanes x 4 state lanes, BN / 4 states in each thread) and both recurrences
@@ -918,11 +986,17 @@ def _bwd_kernel_s(
     # Time segments (grid axis 2): program s walks the chunks of segment s back, from the adjoint g
     # composed over the later segments (the local passes of _bwd_local_kernel_s, and the gradient of
     # last_state); the per-channel sums go to per-segment partials (n_batch x dim apart).
+    #
+    # REV: as in the forward, a program's blocks (one slot) of a backward scan read and write step t at
+    # position L - 1 - t.
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     p0 = pid * NSUB * BD
+    rv = p0 < 0  # False
+    if REV:
+        rv = (p0 // slot) % 2 == 1
     dl = tl.arange(0, BD)[:, None]
     nn = tl.arange(0, BN)[None, :]
     mask_n = nn < n_state
@@ -961,35 +1035,40 @@ def _bwd_kernel_s(
     for i in tl.range(0, c_hi - c_lo, num_stages=NUM_STAGES):
         c = c_hi - 1 - i
         t0 = c * 4
-        B0 = _s_load_bc(B_ptr, b_full, t0, L, mask_n, CDT)
-        B1 = _s_load_bc(B_ptr, b_full, t0 + 1, L, mask_n, CDT)
-        B2 = _s_load_bc(B_ptr, b_full, t0 + 2, L, mask_n, CDT)
-        B3 = _s_load_bc(B_ptr, b_full, t0 + 3, L, mask_n, CDT)
-        C0 = _s_load_bc(C_ptr, c_full, t0, L, mask_n, CDT)
-        C1 = _s_load_bc(C_ptr, c_full, t0 + 1, L, mask_n, CDT)
-        C2 = _s_load_bc(C_ptr, c_full, t0 + 2, L, mask_n, CDT)
-        C3 = _s_load_bc(C_ptr, c_full, t0 + 3, L, mask_n, CDT)
+        q0 = _rev_pos(t0, L, rv, REV)
+        q1 = _rev_pos(t0 + 1, L, rv, REV)
+        q2 = _rev_pos(t0 + 2, L, rv, REV)
+        q3 = _rev_pos(t0 + 3, L, rv, REV)
+        B0 = _s_load_bc(B_ptr, b_full, t0, q0, L, mask_n, CDT)
+        B1 = _s_load_bc(B_ptr, b_full, t0 + 1, q1, L, mask_n, CDT)
+        B2 = _s_load_bc(B_ptr, b_full, t0 + 2, q2, L, mask_n, CDT)
+        B3 = _s_load_bc(B_ptr, b_full, t0 + 3, q3, L, mask_n, CDT)
+        C0 = _s_load_bc(C_ptr, c_full, t0, q0, L, mask_n, CDT)
+        C1 = _s_load_bc(C_ptr, c_full, t0 + 1, q1, L, mask_n, CDT)
+        C2 = _s_load_bc(C_ptr, c_full, t0 + 2, q2, L, mask_n, CDT)
+        C3 = _s_load_bc(C_ptr, c_full, t0 + 3, q3, L, mask_n, CDT)
         g_a, dA_a, dD_a, db_a, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3 = _s_block(
-            g_a, dA_a, dD_a, db_a, A_a, D_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
+            g_a, dA_a, dD_a, db_a, A_a, D_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
             B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
             u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-            BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY)
+            BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY, REV)
         if NSUB == 2:
             g_b, dA_b, dD_b, db_b, qB0, qB1, qB2, qB3, qC0, qC1, qC2, qC3 = _s_block(
-                g_b, dA_b, dD_b, db_b, A_b, D_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
+                g_b, dA_b, dD_b, db_b, A_b, D_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot,
+                rv,
                 B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
                 u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-                BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY)
+                BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY, REV)
             pB0, pB1, pB2, pB3 = pB0 + qB0, pB1 + qB1, pB2 + qB2, pB3 + qB3
             pC0, pC1, pC2, pC3 = pC0 + qC0, pC1 + qC1, pC2 + qC2, pC3 + qC3
-        _s_put(dB_ptr, b_put, first, t0, L, mask_n, pB0, B_ATOMIC)
-        _s_put(dB_ptr, b_put, first, t0 + 1, L, mask_n, pB1, B_ATOMIC)
-        _s_put(dB_ptr, b_put, first, t0 + 2, L, mask_n, pB2, B_ATOMIC)
-        _s_put(dB_ptr, b_put, first, t0 + 3, L, mask_n, pB3, B_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0, L, mask_n, pC0, C_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0 + 1, L, mask_n, pC1, C_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0 + 2, L, mask_n, pC2, C_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0 + 3, L, mask_n, pC3, C_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0 + 1, q1, L, mask_n, pB1, B_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0 + 2, q2, L, mask_n, pB2, B_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0 + 3, q3, L, mask_n, pB3, B_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0, q0, L, mask_n, pC0, C_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0 + 1, q1, L, mask_n, pC1, C_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0 + 2, q2, L, mask_n, pC2, C_ATOMIC)
+        _s_put(dC_ptr, c_put, first, t0 + 3, q3, L, mask_n, pC3, C_ATOMIC)
     bda = (pid_s * n_batch + pid_b) * dim + da  # per-segment partials
     tl.store(dA_ptr + bda * n_state + nn, dA_a, mask=mask_n)
     if HAS_D:
@@ -1034,11 +1113,17 @@ def pick_config(kind: str, dim: int, length: int, n_state: int, group_dims: int)
     return bd, bl, nw
 
 
-def _bc_layout(x: torch.Tensor, dim: int):
-    """(tensor, fixed, batch stride, group stride, n stride, channels per group) of a B or C input."""
+def _bc_layout(x: torch.Tensor, dim: int, strided: bool = False):
+    """(tensor, fixed, batch stride, group stride, n stride, channels per group) of a B or C input.
+
+    With ``strided``, a time-varying input whose steps are adjacent (a slice of the projections'
+    output) is read in place; otherwise it is made contiguous (the backward's gradient buffers share
+    the input's strides).
+    """
     if x.dim() == 2:
         return x.contiguous(), True, 0, 0, 0, dim
-    x = x.contiguous()
+    if not (strided and x.stride(-1) == 1):
+        x = x.contiguous()
     if x.dim() == 3:  # (batch, N, L): one group
         return x, False, x.stride(0), 0, x.stride(1), dim
     return x, False, x.stride(0), x.stride(1), x.stride(2), dim // x.shape[1]
@@ -1174,7 +1259,8 @@ class SelectiveScanTriton(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, spatial=None):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, spatial=None,
+                rev_slot=0):
         batch, dim, length = delta.shape
         u_dim = u.shape[1]
         n_state = A.shape[1]
@@ -1183,14 +1269,19 @@ class SelectiveScanTriton(torch.autograd.Function):
         u, delta = u.contiguous(), delta.contiguous()
         A = A.contiguous()
         z = z.contiguous() if z is not None else None
-        Bc, b_fixed, sbb, sbg, sbn, dpg_b = _bc_layout(B, dim)
-        Cc, c_fixed, scb, scg, scn, dpg_c = _bc_layout(C, dim)
-        gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]), u_dim)
+        save = any(ctx.needs_input_grad[:8])
+        Bc, b_fixed, sbb, sbg, sbn, dpg_b = _bc_layout(B, dim, strided=not save)
+        Cc, c_fixed, scb, scg, scn, dpg_c = _bc_layout(C, dim, strided=not save)
+        gdims = _group_dims(dim, *([] if b_fixed else [dpg_b]), *([] if c_fixed else [dpg_c]), u_dim,
+                            *([rev_slot] if rev_slot else []))
         height, width = spatial if spatial is not None else (1, length)
         geometry = (u_dim, height, width)
         strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
-        save = any(ctx.needs_input_grad[:8])
         scfg = _step_config(dim, length, n_state, gdims, batch, b_fixed or c_fixed, spatial is not None, u.device)
+        if rev_slot and scfg is None:
+            raise ValueError("SelectiveScanTriton: the bidirectional mode needs the step kernels (time-varying B "
+                             f"and C, 8 <= N <= 32, slots of a multiple of 8 channels); got N = {n_state}, "
+                             f"slot {rev_slot}")
         tcfg = None if scfg is not None else _time_in_thread_config(dim, n_state, gdims, batch, b_fixed or c_fixed,
                                                                      u.device)
         bn = triton.next_power_of_2(n_state)
@@ -1217,8 +1308,9 @@ class SelectiveScanTriton(torch.autograd.Function):
             for local in ([True] if segs > 1 else []) + [False]:
                 _fwd_kernel_s[(dim // scfg["BD"], batch, segs - 1 if local else segs)](
                     u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
-                    dim, length, n_state, n_chunks, n_saved, 1, per, segs, *strides, **step_opts, BD=scfg["BD"],
-                    BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local, num_warps=1,
+                    dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, **step_opts,
+                    BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local,
+                    REV=bool(rev_slot), num_warps=1,
                 )
             saved = (states, dts)
         elif tcfg is not None:
@@ -1250,6 +1342,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             ctx.scfg = scfg
             ctx.geometry = geometry
             ctx.spatial = spatial is not None
+            ctx.rev_slot = rev_slot
         if not return_last_state:
             ctx.mark_non_differentiable(last)
         ctx.set_materialize_grads(False)
@@ -1304,18 +1397,18 @@ class SelectiveScanTriton(torch.autograd.Function):
                 seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=dev)
                 _bwd_local_kernel_s[(dim // scfg["BD"], batch, segs - 1)](
                     A, Cc, z if z is not None else dummy, dts, dout, seg_g, seg_dt,
-                    dim, length, n_state, n_chunks, per, segs, scb, scg, scn, dpg_c,
-                    HAS_Z=z is not None, FP64=fp64, BD=scfg["BD"], BN=bn, num_warps=1,
+                    dim, length, n_state, n_chunks, per, segs, ctx.rev_slot, scb, scg, scn, dpg_c,
+                    HAS_Z=z is not None, FP64=fp64, BD=scfg["BD"], BN=bn, REV=bool(ctx.rev_slot), num_warps=1,
                 )
             _bwd_kernel_s[(dim // span, batch, segs)](
                 u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy,
                 states, dts, dout, q, seg_g, seg_dt,
                 du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
                 dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-                dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, per, segs, batch, *strides,
-                **step_opts,
+                dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, per, segs, batch, ctx.rev_slot,
+                *strides, **step_opts,
                 B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD"], BN=bn, NSUB=scfg["NSUB"],
-                NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], num_warps=1,
+                NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], REV=bool(ctx.rev_slot), num_warps=1,
             )
             dB = dB.sum(0) if b_parts > 1 else dB
             dC = dC.sum(0) if c_parts > 1 else dC
@@ -1371,6 +1464,8 @@ class SelectiveScanTriton(torch.autograd.Function):
             dC = dC.sum(0) if c_fixed else dC
         if ctx.spatial:  # the four directions read the same map
             du = du.view(batch, dim // u.shape[1], u.shape[1], length).sum(1)
+        elif ctx.rev_slot:  # both scans of a sequence read it
+            du = du.view(batch, dim // (2 * ctx.rev_slot), 2, ctx.rev_slot, length).sum(2).view(batch, dim // 2, length)
         return (
             du,
             ddelta,
@@ -1380,6 +1475,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             dD_part.sum(0).to(D.dtype) if D is not None else None,
             dz,
             dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            None,
             None,
             None,
             None,
@@ -1469,3 +1565,47 @@ def cross_selective_scan_triton(
     out, _ = SelectiveScanTriton.apply(u, flat, A, B, C, D, None, delta_bias,
                                        delta_softplus, False, (h, w))
     return out.view(b, 4, d, length).sum(1).view(b, d, h, w)
+
+
+def bidirectional_selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Each of ``G`` sequences scanned forward and backward in time, with no reversed copies.
+
+    The step kernels read a backward scan's inputs at position ``L - 1 - t`` at step ``t`` and write
+    its output there (see :func:`common.ops.cross_scan.bidirectional_selective_scan`, whose reference
+    composition gives the same numbers). ``u`` ``(batch, G, d, L)``; ``delta`` ``(batch, 2G, d, L)``,
+    ``B`` / ``C`` ``(batch, 2G, N, L)`` (slot ``2g`` forward over sequence ``g``, ``2g + 1`` backward),
+    at the sequences' positions; ``A`` ``(2G * d, N)``; ``D`` and ``delta_bias`` ``(2G * d,)``.
+    Returns ``(batch, 2G, d, L)`` at the positions, in ``u``'s dtype.
+    """
+    if u.device.type != "cuda" and not INTERPRETED:
+        return _interpreted_twin().bidirectional_selective_scan_triton(u, delta, A, B, C, D, delta_bias,
+                                                                       delta_softplus)
+    b, g, d, length = u.shape
+    flat = delta.reshape(b, 2 * g * d, length)
+    check_scan_inputs(flat, flat, A, B, C, D, None, delta_bias)
+    if length == 0:
+        return torch.zeros_like(delta, dtype=u.dtype)
+    out, _ = SelectiveScanTriton.apply(u.reshape(b, g * d, length), flat, A, B, C, D, None, delta_bias,
+                                       delta_softplus, False, None, d)
+    return out.view(b, 2 * g, d, length)
+
+
+def bidirectional_step_available(d: int, n_state: int, device: torch.device) -> bool:
+    """Whether the step kernels (and so the bidirectional mode) apply to slots of ``d`` channels at ``N``."""
+    key = (d, n_state, device.type, CONFIG_OVERRIDE.get("path"))
+    ok = _BIDIRECTIONAL_OK.get(key)
+    if ok is None:  # asked once per SS2D call: remembered (the answer depends on these only)
+        ok = _BIDIRECTIONAL_OK[key] = _step_config(4 * d, 64, n_state, d, 1, False, False, device) is not None
+    return ok
+
+
+_BIDIRECTIONAL_OK: dict = {}

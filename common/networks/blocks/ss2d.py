@@ -21,6 +21,13 @@ With ``fused_scan=True`` and the ``triton`` scan backend the cross-scan is fused
 (:mod:`common.ops.cross_scan`): the projections run on the map itself and the kernels read it in
 the four orders, so the ``(B, 4, d_inner, L)`` copy and the merge's un-permuting copies are not
 made. Same numbers; slower on an H200 for now, so off by default.
+
+By default, where the ``triton`` backend's step kernels apply (``d_state`` 8-32: MSSMamba, Mamba-HUNet),
+the scan is bidirectional (:func:`common.ops.cross_scan.bidirectional_selective_scan`): the rows view
+of the map and one column-major copy are the two sequences, each scanned forward and backward with the
+backward scans reading from the end, so the cross-scan is one transposed copy (no flips or
+concatenation), the projections run on the two sequences with the four directions' weights stacked
+per sequence, and the merge is sums. Same numbers as the four-copy path up to float rounding.
 """
 
 from __future__ import annotations
@@ -31,7 +38,14 @@ import torch
 from torch import nn
 
 from ...ops import selective_scan
-from ...ops.cross_scan import cross_merge, cross_scan, cross_selective_scan, fused_cross_scan_available
+from ...ops.cross_scan import (
+    bidirectional_scan_available,
+    bidirectional_selective_scan,
+    cross_merge,
+    cross_scan,
+    cross_selective_scan,
+    fused_cross_scan_available,
+)
 from .layers import LayerNorm2d, Linear2d, to_channels_first, to_channels_last
 
 __all__ = ["SS2D", "cross_scan", "cross_merge"]  # the cross-scan pair lives in common.ops.cross_scan
@@ -69,6 +83,10 @@ class SS2D(nn.Module):
         fused_scan: read the map in the four scan orders inside the scan kernel, where the backend
             has it (the ``triton`` one); off by default: on an H200 it is slower than the written-out
             cross-scan (the column-major orders read memory W elements apart; benchmarks/README.md).
+        bidirectional_scan: where the backend reads backward scans in place (the ``triton`` step
+            kernels, ``d_state`` 8-32), scan the rows view and one column-major copy each forward and
+            backward instead of making the four-direction copy (see the module docstring); False
+            keeps the four-copy path (for comparisons).
     """
 
     def __init__(
@@ -93,6 +111,7 @@ class SS2D(nn.Module):
         force_fp32: bool = False,
         scan_backend: str | None = None,
         fused_scan: bool = False,
+        bidirectional_scan: bool = True,
     ) -> None:
         super().__init__()
         if dt_init not in ("random", "constant"):
@@ -105,6 +124,7 @@ class SS2D(nn.Module):
         self.channel_first, self.with_z, self.force_fp32 = channel_first, with_z, force_fp32
         self.scan_backend = scan_backend
         self.fused_scan = fused_scan
+        self.bidirectional_scan = bidirectional_scan
         linear = Linear2d if channel_first else nn.Linear
         k = K_DIRECTIONS
 
@@ -180,6 +200,9 @@ class SS2D(nn.Module):
             x = x.float()
         if self.fused_scan and fused_cross_scan_available(self.scan_backend, x.device):
             return self._ssm_fused(x)
+        if self.bidirectional_scan and bidirectional_scan_available(self.scan_backend, x.device, self.d_inner,
+                                                                    self.d_state):
+            return self._ssm_bidirectional(x)
         b, d, h, w = x.shape
         length = h * w
         xs = cross_scan(x)  # (B, K, D, L)
@@ -205,6 +228,30 @@ class SS2D(nn.Module):
         A, D, bias = self._ssm_inputs()
         return cross_selective_scan(x, dts, A, bs.contiguous(), cs.contiguous(), D, bias, delta_softplus=True,
                                     backend=self.scan_backend)
+
+    def _ssm_bidirectional(self, x: torch.Tensor) -> torch.Tensor:
+        # direction k = j + 2 r reads sequence j (rows, columns), reversed when r = 1; the kernel's slots
+        # are (j, r), so the per-direction parameters are reordered to slot order (small copies)
+        b, d, h, w = x.shape
+        length = h * w
+        k, n, r = K_DIRECTIONS, self.d_state, self.dt_rank
+        c = r + 2 * n
+        seqs = torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)  # (B, 2, D, L)
+
+        def slots(p):  # (K, ...) direction-major -> slot-major
+            return p.view(2, 2, *p.shape[1:]).transpose(0, 1).reshape(p.shape)
+
+        x_proj = slots(self.x_proj_weight).reshape(2, 2 * c, d).to(x.dtype)
+        x_dbl = torch.matmul(x_proj, seqs).view(b, k, c, length)  # (2, 2c, D) @ (B, 2, D, L)
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.matmul(slots(self.dt_projs_weight).to(x.dtype), dts)  # (K, D, r) @ (B, K, r, L)
+        A, D, bias = self._ssm_inputs()
+        A = slots(A.view(k, d, n)).reshape(k * d, n)
+        D, bias = slots(D.view(k, d)).reshape(-1), slots(bias.view(k, d)).reshape(-1)
+        ys = bidirectional_selective_scan(seqs, dts, A, bs, cs, D, bias, delta_softplus=True,
+                                          backend=self.scan_backend)
+        y = ys.view(b, 2, 2, d, length).sum(2)
+        return y[:, 0].view(b, d, h, w) + y[:, 1].view(b, d, w, h).transpose(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` (or ``(B, C, H, W)`` when ``channel_first``) -> same shape."""
