@@ -205,3 +205,35 @@ def test_patch_embed_merge_expand():
     with torch.no_grad():
         e.expand.weight.copy_(torch.eye(4))
     assert e(torch.arange(4.0).view(1, 1, 1, 4)).view(2, 2).tolist() == [[0, 1], [2, 3]]
+
+
+def test_layer_norms_in_input_dtype_under_autocast():
+    from common.networks.blocks.layers import InputDtypeLayerNorm, LayerNorm2d, layer_norms_in_input_dtype
+    from common.networks.graphs import graphed_for_inference
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Sequential(nn.LayerNorm(16, bias=False)))
+    net.add_module("ln2d", LayerNorm2d(16))
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    keys = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 8)
+    with torch.no_grad():  # float32 throughout
+        plain = net[:3](x)
+    out = graphed_for_inference(net, enabled=True, input_dtype_norms=True)  # on CPU: not graphed
+    assert out is net and type(net[1]) is InputDtypeLayerNorm and type(net[2][0]) is InputDtypeLayerNorm
+    assert type(net.ln2d) is LayerNorm2d  # subclasses are kept
+    assert net[1].weight is not None and net[2][0].bias is None
+    assert set(net.state_dict()) == set(keys)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, keys[k], rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net[:3](x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), plain, rtol=2e-2, atol=2e-2)  # bf16 rounding
+    torch.testing.assert_close(net[:3](x), net[2][0](net[1](net[0](x))))
+    with torch.no_grad():  # outside autocast it is nn.LayerNorm
+        ref = nn.functional.layer_norm(net[0](x), (16,), net[1].weight, net[1].bias)
+        torch.testing.assert_close(net[1](net[0](x)), ref, rtol=0, atol=0)
+    assert layer_norms_in_input_dtype(nn.LayerNorm(4), enabled=False).__class__ is nn.LayerNorm

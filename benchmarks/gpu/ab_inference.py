@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import sys
-import types
 
 import torch
 
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from bench_network import NETWORKS, build  # noqa: E402
 from bench_scan import timed  # noqa: E402
 
+from common.networks.blocks.layers import layer_norms_in_input_dtype  # noqa: E402
 from common.networks.graphs import CUDAGraphInference  # noqa: E402
 from common.ops import scan_triton  # noqa: E402
 
@@ -44,13 +44,6 @@ def _load_module_copy(path: str, network: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return getattr(mod, target[1])
-
-
-def _layer_norm_input_dtype(self, x):
-    with torch.autocast(x.device.type, enabled=False):
-        w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        return torch.nn.functional.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
 def main(argv=None):
@@ -94,10 +87,8 @@ def main(argv=None):
             for mod in m.modules():
                 if hasattr(mod, "bidirectional_scan"):
                     mod.bidirectional_scan = False
-        if v == "ln_input_dtype":
-            for mod in m.modules():
-                if type(mod) is torch.nn.LayerNorm:  # not the channel-first subclasses
-                    mod.forward = types.MethodType(_layer_norm_input_dtype, mod)
+        if v == "ln_input_dtype":  # the bundles' amp_input_dtype_norms
+            layer_norms_in_input_dtype(m)
         if v == "compile":
             torch._dynamo.config.cache_size_limit = 64
             m = torch.compile(m, dynamic=False)

@@ -176,13 +176,20 @@ class CUDAGraphInference(nn.Module):
         return entry.static_out[:batch].clone()
 
 
-def graphed_for_inference(module: nn.Module, enabled: bool = True, max_batch: int = 16) -> nn.Module:
+def graphed_for_inference(module: nn.Module, enabled: bool = True, max_batch: int = 16,
+                          input_dtype_norms: bool = False) -> nn.Module:
     """``module`` wrapped in :class:`CUDAGraphInference` when enabled and its parameters are on a GPU.
 
     The bundles' inference configs call this (``cuda_graphs``: true/false): on CPU, or disabled, the
     module is returned as is. Batch buckets are the powers of two below ``max_batch`` and
     ``max_batch`` itself (the inferer's ``sw_batch_size``), so at most ~log2(max_batch) + 1 graphs.
+    ``input_dtype_norms`` (the configs' ``amp_input_dtype_norms``) first makes its layer norms run in
+    the autocast dtype (:func:`common.networks.blocks.layers.layer_norms_in_input_dtype`), graphed or not.
     """
+    if input_dtype_norms:
+        from .blocks.layers import layer_norms_in_input_dtype
+
+        layer_norms_in_input_dtype(module)
     param = next(module.parameters(), None)
     if not enabled or param is None or not param.is_cuda:
         return module
