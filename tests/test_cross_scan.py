@@ -207,7 +207,10 @@ def test_ss2d_bidirectional_and_four_copy_paths_agree(triton_mod):
         y = m(xi)
         (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
         outs.append({"y": y.detach(), "dx": xi.grad} | {k: p.grad.clone() for k, p in m.named_parameters()})
+        with torch.no_grad():  # inference: the kernel reads B and C as slices of the projections, in place
+            outs[-1]["y_no_grad"] = m(x)
     compare(outs[0], outs[1], 1e-5)
+    torch.testing.assert_close(outs[0]["y_no_grad"], outs[0]["y"], rtol=1e-6, atol=1e-6)
 
 
 def test_bidirectional_needs_the_triton_step_kernels(monkeypatch):
