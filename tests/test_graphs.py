@@ -90,3 +90,22 @@ def test_cuda_graph_batch_buckets_pad_and_share_graphs():
             assert out.shape[0] == b
             torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-4)
     assert sorted(k[0][0] for k in wrapped._graphs) == [1, 4, 6, 7]  # 5 -> 6, 3 -> 4, 7 gets its own
+
+
+def test_bundle_inference_config_turns_on_input_dtype_norms():
+    import os
+
+    from monai.bundle import ConfigParser
+
+    from common.networks.blocks.layers import InputDtypeLayerNorm
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mambahunet_ms")
+    norms = {}
+    for flag in (False, True):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(root, "configs", "inference.json"))
+        parser.update({"bundle_root": root, "device": "$torch.device('cpu')", "amp_input_dtype_norms": flag})
+        net = parser.get_parsed_content("network")
+        norms[flag] = [type(m) for m in net.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms[False] and InputDtypeLayerNorm not in norms[False]
+    assert len(norms[True]) == len(norms[False]) and InputDtypeLayerNorm in norms[True]
