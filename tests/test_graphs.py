@@ -109,3 +109,56 @@ def test_bundle_inference_config_turns_on_input_dtype_norms():
         norms[flag] = [type(m) for m in net.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms[False] and InputDtypeLayerNorm not in norms[False]
     assert len(norms[True]) == len(norms[False]) and InputDtypeLayerNorm in norms[True]
+
+
+def _randomise_norms(net):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def test_fold_batch_norms_keeps_the_outputs_and_handler_runs_after_loading():
+    from ignite.engine import Engine
+
+    from common.handlers import FoldBatchNorms
+    from common.networks.blocks.layers import fuse_conv_bn_for_inference
+    from common.networks.resnet import ResNetTrunk
+
+    def norms(m):
+        return sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+
+    trunk = ResNetTrunk((1, 1), in_channels=1, num_stages=2)
+    _randomise_norms(trunk)
+    x = torch.randn(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="training mode"):
+        fuse_conv_bn_for_inference(trunk)
+    with torch.no_grad():
+        want = trunk.eval()(x)
+        before = norms(trunk)
+        fuse_conv_bn_for_inference(trunk)
+        got = trunk(x)
+    assert before == 9 and norms(trunk) == 0 and trunk.folded_conv_bn == 9  # stem, bottlenecks, downsamples
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+    net = small_net()  # Mamba-HUNet: transposed convolutions and 3x3 convolutions with their norms
+    _randomise_norms(net)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net_norms = norms(net)
+    wrapped = graphed_for_inference(net, enabled=True)
+    with torch.no_grad():
+        want = net.eval()(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    net.train()
+    engine = Engine(lambda e, b: None)
+    net.load_state_dict(state)  # what the checkpoint loader does first
+    FoldBatchNorms(wrapped, enabled=False).attach(engine)
+    FoldBatchNorms(wrapped).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert not net.training and net.folded_conv_bn == net_norms > 0 and norms(net) == 0
+    with torch.no_grad():
+        got = wrapped(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from bench_network import NETWORKS, build  # noqa: E402
 from bench_scan import timed  # noqa: E402
 
-from common.networks.blocks.layers import layer_norms_in_input_dtype  # noqa: E402
+from common.networks.blocks.layers import fuse_conv_bn_for_inference, layer_norms_in_input_dtype  # noqa: E402
 from common.networks.graphs import CUDAGraphInference  # noqa: E402
 from common.ops import scan_triton  # noqa: E402
 
@@ -58,7 +58,8 @@ def main(argv=None):
                          "segments_before (the step scan's time segments as before 2026-12-02: split to "
                          "6 programs per multiprocessor, segments of at least 32 chunks), ln_input_dtype (nn.LayerNorm "
                          "in the input's dtype under autocast instead of float32 in and out; changes the numbers), "
-                         "four_copy (SS2D's four-direction copy around the scan, as before its bidirectional scan)")
+                         "four_copy (SS2D's four-direction copy around the scan, as before its bidirectional scan), "
+                         "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
@@ -87,8 +88,10 @@ def main(argv=None):
             for mod in m.modules():
                 if hasattr(mod, "bidirectional_scan"):
                     mod.bidirectional_scan = False
-        if v == "ln_input_dtype":  # the bundles' amp_input_dtype_norms
+        if v in ("ln_input_dtype", "fold_bn_ln_input_dtype"):  # the bundles' amp_input_dtype_norms
             layer_norms_in_input_dtype(m)
+        if v in ("fold_bn", "fold_bn_ln_input_dtype"):  # the bundles' fuse_conv_bn
+            fuse_conv_bn_for_inference(m)
         if v == "compile":
             torch._dynamo.config.cache_size_limit = 64
             m = torch.compile(m, dynamic=False)

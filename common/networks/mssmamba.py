@@ -380,6 +380,7 @@ class PyramidFeatures(nn.Module):
         trunk = resnet50_trunk(in_channels, num_stages=3)
         self.resnet_layers = nn.ModuleList([trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool,
                                             trunk.layer1, trunk.layer2, trunk.layer3])
+        self.conv_bn_pairs = (("resnet_layers.0", "resnet_layers.1"),)  # the stem's conv and norm
         # stochastic depth as the full 4-stage VSSM (drop_path_rate over sum(depths)) assigns it
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.vmunet = _VMUNetStages(nn.ModuleList(

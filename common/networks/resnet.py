@@ -20,6 +20,8 @@ class Bottleneck(nn.Module):
     """1x1 -> 3x3 (stride) -> 1x1 (x4 channels) with BN and ReLU, plus the (projected) identity."""
 
     expansion = 4
+    # each convolution's batch norm, for fuse_conv_bn_for_inference (the forward applies them in pairs)
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -68,6 +70,7 @@ class ResNetTrunk(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
             self.out_channels.append(channels)
         self.num_stages = min(num_stages, len(layers))
+        self.conv_bn_pairs = (("conv1", "bn1"),)  # the stem, for fuse_conv_bn_for_inference
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

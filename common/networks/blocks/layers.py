@@ -15,6 +15,7 @@ from torch import nn
 __all__ = [
     "InputDtypeLayerNorm",
     "layer_norms_in_input_dtype",
+    "fuse_conv_bn_for_inference",
     "LayerNorm2d",
     "Linear2d",
     "Mlp",
@@ -69,6 +70,49 @@ def layer_norms_in_input_dtype(module: nn.Module, enabled: bool = True) -> nn.Mo
                 new.weight, new.bias = child.weight, child.bias
                 new.train(child.training)
                 setattr(parent, name, new)
+    return module
+
+
+def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
+    return (type(conv) in (nn.Conv2d, nn.ConvTranspose2d) and type(norm) is nn.BatchNorm2d
+            and norm.running_mean is not None and conv.out_channels == norm.num_features)
+
+
+def fuse_conv_bn_for_inference(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` / ``ConvTranspose2d``
+    into that convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``), in place; returns ``module``.
+
+    Pairs are adjacent children of an ``nn.Sequential``, plus those a module names in a
+    ``conv_bn_pairs`` attribute (dotted paths below it, e.g. a ResNet bottleneck's ``conv1`` /
+    ``bn1``); the norm becomes ``nn.Identity``. Same function up to float rounding, fewer kernels (a
+    batch norm in eval mode is two). For inference only: the module must be in eval mode, and the
+    state dict changes (the norms' entries go, the convolutions gain biases), so load checkpoints
+    first. ``enabled=False`` returns ``module`` untouched.
+    """
+    if not enabled:
+        return module
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if module.training:
+        raise ValueError("fuse_conv_bn_for_inference: the module is in training mode; call .eval() first "
+                         "(the folded batch norms use their running statistics)")
+    pairs = []
+    for parent in module.modules():
+        if isinstance(parent, nn.Sequential):
+            kids = list(parent.named_children())
+            pairs += [(parent, a, b) for (a, _), (b, _) in zip(kids, kids[1:])]
+        pairs += [(parent, a, b) for a, b in getattr(parent, "conv_bn_pairs", ())]
+    folded = 0
+    for parent, a, b in pairs:
+        conv, norm = parent.get_submodule(a), parent.get_submodule(b)
+        if not _foldable(conv, norm):
+            continue
+        fused = fuse_conv_bn_eval(conv, norm, transpose=type(conv) is nn.ConvTranspose2d)
+        for path, new in ((a, fused), (b, nn.Identity())):
+            owner, _, leaf = path.rpartition(".")
+            setattr(parent.get_submodule(owner) if owner else parent, leaf, new)
+        folded += 1
+    module.folded_conv_bn = folded
     return module
 
 
