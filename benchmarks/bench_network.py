@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_scan import timed  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_scan import timed, write_results  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from common.networks.graphs import CUDAGraphInference, graphed_for_inference  # noqa: E402
 from common.ops import available_backends  # noqa: E402
@@ -185,12 +185,8 @@ def main(argv=None):
     today = dt.date.today().isoformat()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"network_{args.network}_{device.type}_{today}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(dict(benchmark="network", network=args.network, date=today, device=name,
-                       torch=torch.__version__, results=rows), f, indent=1)
-    os.replace(out + ".tmp", out)
-    print(f"wrote {out}")
+    write_results(out, dict(benchmark="network", network=args.network, date=today, device=name,
+                            torch=torch.__version__, results=rows))
 
 
 if __name__ == "__main__":

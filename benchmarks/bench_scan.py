@@ -63,6 +63,15 @@ def make_inputs(batch, d_inner, length, n, dtype, device, requires_grad=False):
     return tensors
 
 
+def write_results(path: str, payload: dict) -> None:
+    """Write a results JSON atomically (a temporary file, then renamed), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
 def timed(fn, device, repeat, warmup=2):
     for _ in range(warmup):
         fn()
@@ -149,16 +158,11 @@ def main(argv=None):
     today = dt.date.today().isoformat()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"scan_{device.type}_{today}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     payload = dict(benchmark="selective_scan", date=today, device=device_name, device_type=device.type,
                    torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
                    preset=args.preset, note="ms per call, median; fwd+bwd = forward + backward of sum(out)",
                    results=rows)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_results(out, payload)
     return payload
 
 

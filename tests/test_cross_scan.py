@@ -53,12 +53,12 @@ def make(batch, d, h, w, n, dtype=torch.float32, seed=0):
     return [t.to(dtype).to(DEVICE) for t in (x, delta, A, B, C, D, bias)]
 
 
-def run(fn, inputs):
+def run(fn, inputs, names=NAMES):
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     y = fn(*leaves[:5], D=leaves[5], delta_bias=leaves[6], delta_softplus=True)
     g = torch.Generator().manual_seed(1)
     (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)).sum().backward()
-    return {"y": y.detach()} | {"d" + k: leaf.grad for k, leaf in zip(NAMES, leaves)}
+    return {"y": y.detach()} | {"d" + k: leaf.grad for k, leaf in zip(names, leaves)}
 
 
 def compare(got, want, tol):
@@ -178,17 +178,9 @@ def test_bidirectional_triton_matches_the_reversed_copies(triton_mod, length, se
     # odd lengths: a backward scan's last chunk is partly before position 0; forced time segments
     triton_mod.CONFIG_OVERRIDE["step"] = {"segs_fwd": segs[0], "segs_bwd": segs[1]}
     inputs = make_bidirectional(2 if length < 20 else 1, 2 if length < 20 else 1, 8, length, 16)
-    names = ["u", "delta", "A", "B", "C", "D", "delta_bias"]
-
-    def run_b(fn):
-        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-        y = fn(*leaves[:5], D=leaves[5], delta_bias=leaves[6], delta_softplus=True)
-        gen = torch.Generator().manual_seed(1)
-        (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)).sum().backward()
-        return {"y": y.detach()} | {"d" + k: leaf.grad for k, leaf in zip(names, leaves)}
-
-    got = run_b(lambda *a, **k: bidirectional_selective_scan(*a, **k, backend="triton"))
-    want = run_b(lambda *a, **k: bidirectional_selective_scan_ref(*a, **k, backend="ref"))
+    names = ["u", *NAMES[1:]]
+    got = run(lambda *a, **k: bidirectional_selective_scan(*a, **k, backend="triton"), inputs, names)
+    want = run(lambda *a, **k: bidirectional_selective_scan_ref(*a, **k, backend="ref"), inputs, names)
     compare(got, want, 1e-5)
 
 

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from bench_network import NETWORKS, build  # noqa: E402
-from bench_scan import timed  # noqa: E402
+from bench_scan import timed, write_results  # noqa: E402
 
 from common.networks.blocks.layers import fuse_conv_bn_for_inference, layer_norms_in_input_dtype  # noqa: E402
 from common.networks.graphs import CUDAGraphInference  # noqa: E402
@@ -136,10 +136,7 @@ def main(argv=None):
     result = dict(benchmark="ab_inference", network=args.network, backend=args.backend, date=today, device=name,
                   torch=torch.__version__, batch=1, size=size, results=list(rows.values()))
     if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
-        print(f"wrote {args.out}")
+        write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from bench_batch1_scan import graphed_ms  # noqa: E402
+from bench_scan import write_results  # noqa: E402
 
 from common.networks.blocks.ss2d import SS2D  # noqa: E402
 
@@ -100,10 +102,7 @@ def main(argv=None):
     if args.out:
         result = dict(benchmark="ss2d_bidirectional", date=dt.date.today().isoformat(),
                       device=torch.cuda.get_device_name(dev), torch=torch.__version__, results=rows)
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
-        print(f"wrote {args.out}")
+        write_results(args.out, result)
 
 
 if __name__ == "__main__":
