@@ -59,6 +59,7 @@ def main(argv=None):
                          "6 programs per multiprocessor, segments of at least 32 chunks), ln_input_dtype (nn.LayerNorm "
                          "in the input's dtype under autocast instead of float32 in and out; changes the numbers), "
                          "four_copy (SS2D's four-direction copy around the scan, as before its bidirectional scan), "
+                         "unfused_io (SS2D's conv / cross-scan copy and merge / norm / gate as separate ops), "
                          "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeat", type=int, default=50)
@@ -84,6 +85,10 @@ def main(argv=None):
         m.load_state_dict(state)
         if v == "channels_last":
             m = m.to(memory_format=torch.channels_last)
+        if v == "unfused_io":
+            for mod in m.modules():
+                if hasattr(mod, "fused_io"):
+                    mod.fused_io = False
         if v == "four_copy":
             for mod in m.modules():
                 if hasattr(mod, "bidirectional_scan"):

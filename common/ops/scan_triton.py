@@ -65,15 +65,14 @@ this module was first imported without that variable, a CPU call loads an interp
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
+from ._twin import interpreted_twin
 from .scan_ref import check_scan_inputs
 
 __all__ = ["selective_scan_triton", "cross_selective_scan_triton", "bidirectional_selective_scan_triton",
@@ -1484,26 +1483,7 @@ class SelectiveScanTriton(torch.autograd.Function):
 
 def _interpreted_twin():
     """This module loaded a second time with ``TRITON_INTERPRET=1``: kernels that run on CPU tensors."""
-    mod = sys.modules.get(_TWIN_NAME)
-    if mod is not None:
-        return mod
-    spec = importlib.util.spec_from_file_location(_TWIN_NAME, __file__)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = __package__
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        sys.modules[_TWIN_NAME] = mod
-        spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop(_TWIN_NAME, None)
-        raise
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
+    return interpreted_twin(_TWIN_NAME, __file__, __package__)
 
 
 def selective_scan_triton(

@@ -46,6 +46,7 @@ from ...ops.cross_scan import (
     cross_selective_scan,
     fused_cross_scan_available,
 )
+from ...ops.ss2d_io import conv_cross, fused_io_available, merge_norm, merge_norm_ref
 from .layers import LayerNorm2d, Linear2d, to_channels_first, to_channels_last
 
 __all__ = ["SS2D", "cross_scan", "cross_merge"]  # the cross-scan pair lives in common.ops.cross_scan
@@ -87,6 +88,9 @@ class SS2D(nn.Module):
             kernels, ``d_state`` 8-32), scan the rows view and one column-major copy each forward and
             backward instead of making the four-direction copy (see the module docstring); False
             keeps the four-copy path (for comparisons).
+        fused_io: on that bidirectional path, where no gradient is needed and the fused kernels run
+            (CUDA; :mod:`common.ops.ss2d_io`), make the conv + SiLU + cross-scan copy one kernel and the
+            merge + ``out_norm`` + z gate another; False keeps the unfused ops (for comparisons).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class SS2D(nn.Module):
         scan_backend: str | None = None,
         fused_scan: bool = False,
         bidirectional_scan: bool = True,
+        fused_io: bool = True,
     ) -> None:
         super().__init__()
         if dt_init not in ("random", "constant"):
@@ -125,6 +130,7 @@ class SS2D(nn.Module):
         self.scan_backend = scan_backend
         self.fused_scan = fused_scan
         self.bidirectional_scan = bidirectional_scan
+        self.fused_io = fused_io
         linear = Linear2d if channel_first else nn.Linear
         k = K_DIRECTIONS
 
@@ -230,28 +236,52 @@ class SS2D(nn.Module):
                                     backend=self.scan_backend)
 
     def _ssm_bidirectional(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, h, w = x.shape
+        seqs = torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)  # (B, 2, D, L)
+        ys = self._scan_bidirectional(seqs)
+        return merge_norm_ref(ys, h, w, normalize=False).permute(0, 3, 1, 2)  # a view: the merge's layout
+
+    def _scan_bidirectional(self, seqs: torch.Tensor) -> torch.Tensor:
+        """The four directions' scans of the two sequences ``(B, 2, D, L)`` (rows view, column-major
+        copy), ``(B, 4, D, L)`` in slot order: rows forward, rows backward, columns forward, columns
+        backward, each at its sequence's positions."""
         # direction k = j + 2 r reads sequence j (rows, columns), reversed when r = 1; the kernel's slots
         # are (j, r), so the per-direction parameters are reordered to slot order (small copies)
-        b, d, h, w = x.shape
-        length = h * w
+        b, _, d, length = seqs.shape
         k, n, r = K_DIRECTIONS, self.d_state, self.dt_rank
         c = r + 2 * n
-        seqs = torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)  # (B, 2, D, L)
 
         def slots(p):  # (K, ...) direction-major -> slot-major
             return p.view(2, 2, *p.shape[1:]).transpose(0, 1).reshape(p.shape)
 
-        x_proj = slots(self.x_proj_weight).reshape(2, 2 * c, d).to(x.dtype)
+        x_proj = slots(self.x_proj_weight).reshape(2, 2 * c, d).to(seqs.dtype)
         x_dbl = torch.matmul(x_proj, seqs).view(b, k, c, length)  # (2, 2c, D) @ (B, 2, D, L)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.matmul(slots(self.dt_projs_weight).to(x.dtype), dts)  # (K, D, r) @ (B, K, r, L)
+        dts = torch.matmul(slots(self.dt_projs_weight).to(seqs.dtype), dts)  # (K, D, r) @ (B, K, r, L)
         A, D, bias = self._ssm_inputs()
         A = slots(A.view(k, d, n)).reshape(k * d, n)
         D, bias = slots(D.view(k, d)).reshape(-1), slots(bias.view(k, d)).reshape(-1)
-        ys = bidirectional_selective_scan(seqs, dts, A, bs, cs, D, bias, delta_softplus=True,
-                                          backend=self.scan_backend)
-        y = ys.view(b, 2, 2, d, length).sum(2)
-        return y[:, 0].view(b, d, h, w) + y[:, 1].view(b, d, w, h).transpose(2, 3)
+        return bidirectional_selective_scan(seqs, dts, A, bs, cs, D, bias, delta_softplus=True,
+                                            backend=self.scan_backend)
+
+    def _takes_fused_io(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the fused inference path (see the module docstring)."""
+        if (not self.fused_io or self.channel_first or self.force_fp32 or self.fused_scan or not self.bidirectional_scan
+                or self.conv2d is None or not isinstance(self.out_norm, (nn.LayerNorm, nn.Identity))):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return fused_io_available(x.device) and bidirectional_scan_available(self.scan_backend, x.device,
+                                                                              self.d_inner, self.d_state)
+
+    def _forward_fused_io(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        ys = self._scan_bidirectional(conv_cross(x, self.conv2d.weight, self.conv2d.bias))
+        norm = self.out_norm
+        ln = isinstance(norm, nn.LayerNorm)
+        y = merge_norm(ys, h, w, z, norm.weight if ln else None, norm.bias if ln else None,
+                       norm.eps if ln else 0.0, normalize=ln, z_silu=True)
+        return self.dropout(self.out_proj(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` (or ``(B, C, H, W)`` when ``channel_first``) -> same shape."""
@@ -260,6 +290,9 @@ class SS2D(nn.Module):
         z = None
         if self.with_z:
             x, z = x.chunk(2, dim=cdim)
+        if self._takes_fused_io(x):
+            return self._forward_fused_io(x, z)
+        if z is not None:
             z = self.act(z)
         if not self.channel_first:
             x = to_channels_first(x).contiguous()
