@@ -28,6 +28,11 @@ of the map and one column-major copy are the two sequences, each scanned forward
 backward scans reading from the end, so the cross-scan is one transposed copy (no flips or
 concatenation), the projections run on the two sequences with the four directions' weights stacked
 per sequence, and the merge is sums. Same numbers as the four-copy path up to float rounding.
+
+On that path, where no gradient is needed and the fused kernels run (CUDA; ``fused_io=True``),
+:mod:`common.ops.ss2d_io` makes the dwconv + SiLU + cross-scan copy one kernel reading the
+channels-last ``x`` half of ``in_proj``'s output, and the merge + ``out_norm`` + SiLU(z) gate another
+writing channels-last for ``out_proj``; training, CPU runs and other backends use the unfused ops.
 """
 
 from __future__ import annotations
