@@ -156,3 +156,44 @@ def test_fused_io_needs_triton_or_the_interpreter(monkeypatch):
     with torch.no_grad():
         assert not m._takes_fused_io(torch.zeros(1, 2, 2, 16))
     ss2d_io._AVAILABLE.clear()
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 40), (7, 96), (2, 1, 1, 1000)])
+def test_layer_norm_cast_matches_the_float32_norm_and_cast(kernels, shape):
+    torch.manual_seed(5)
+    x = torch.randn(*shape, device=DEVICE) * 2 + 1
+    d = shape[-1]
+    weight, bias = torch.rand(d, device=DEVICE) + 0.5, torch.randn(d, device=DEVICE)
+    for w, b in ((weight, bias), (None, None)):
+        got = kernels.layer_norm_triton(x, w, b, 1e-6, torch.float32)
+        torch.testing.assert_close(got, torch.nn.functional.layer_norm(x, (d,), w, b, 1e-6), **TOL)
+    got = kernels.layer_norm_triton(x, weight, bias, 1e-5, torch.bfloat16)
+    ref = ss2d_io.layer_norm_cast_ref(x, weight, bias, 1e-5, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got.float(), ref.float(), rtol=8e-3, atol=8e-3)
+    if CUDA:  # the same float32 values rounded once: equal but for the odd one on a rounding boundary
+        assert (got == ref).float().mean() > 0.99
+    else:  # Triton's interpreter casts to bfloat16 by truncation, the compiled kernels round to nearest
+        f32 = kernels.layer_norm_triton(x, weight, bias, 1e-5, torch.float32)
+        assert torch.equal(got, (f32.view(torch.int32) & -65536).view(torch.float32).bfloat16())
+
+
+def test_vss_block_norm_reaches_in_proj_in_the_autocast_dtype(kernels, monkeypatch):
+    from common.networks.blocks import VSSBlock, layers
+
+    torch.manual_seed(6)
+    block = VSSBlock(16, ssm_d_state=8, scan_backend="torch").to(DEVICE).eval()
+    x = torch.randn(2, 5, 7, 16, device=DEVICE)
+    calls = []
+    real = ss2d_io.layer_norm_cast
+    monkeypatch.setattr(ss2d_io, "layer_norm_cast", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ref = block(x)  # parameters want gradients: nn.LayerNorm in float32, in_proj casts
+        assert not calls
+        with torch.no_grad():
+            got = block(x)
+    assert calls == [x.shape]
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():  # no autocast: the module itself
+        torch.testing.assert_close(layers.norm_before_linear(block.norm, x), block.norm(x))
+    assert len(calls) == 1

@@ -10,6 +10,9 @@ the channels-last ``x`` and ``z`` halves of ``in_proj``'s output:
 - :func:`merge_norm`: the four outputs summed at the map's positions, ``LayerNorm`` over the
   channels, times ``SiLU(z)``, channels-last ``(B, H, W, D)``.
 
+- :func:`layer_norm_cast`: a LayerNorm (float32 inside) stored in the dtype the ``nn.Linear`` after it
+  computes in under autocast: the VSS block's norm before SS2D's ``in_proj``.
+
 Each has a PyTorch reference (``*_ref``: the unfused composition SS2D runs when training, same
 arguments, differentiable). Where no gradient is needed and the tensors are on CUDA (or Triton's
 interpreter is on), the fused Triton kernels of :mod:`common.ops.ss2d_io_triton` run instead: one
@@ -25,7 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv_cross", "conv_cross_ref", "merge_norm", "merge_norm_ref", "fused_io_available"]
+__all__ = ["conv_cross", "conv_cross_ref", "merge_norm", "merge_norm_ref", "layer_norm_cast", "layer_norm_cast_ref",
+           "fused_io_available"]
 
 _AVAILABLE: dict = {}
 
@@ -157,3 +161,28 @@ def merge_norm(
 
     out_dtype = z.dtype if z is not None else ys.dtype
     return merge_norm_triton(ys, height, width, z, weight, bias, eps, normalize, z_silu, out_dtype)
+
+
+def layer_norm_cast_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """``F.layer_norm`` over the last dimension in float32, then cast to ``dtype``: under autocast, a
+    float32 norm and the cast the ``nn.Linear`` after it makes."""
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.float() if weight is not None else None
+        b = bias.float() if bias is not None else None
+        return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(dtype)
+
+
+def layer_norm_cast(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x``, computed in float32, returned in ``dtype``.
+
+    Under autocast an ``nn.LayerNorm`` runs in float32 and the ``nn.Linear`` after it casts its input
+    to the autocast dtype; this gives that input directly, in one kernel where no gradient is needed
+    and :func:`fused_io_available` (else :func:`layer_norm_cast_ref`, the norm and the cast).
+    """
+    if _needs_grad(x, weight, bias) or not fused_io_available(x.device) or x.shape[-1] > 4096:
+        return layer_norm_cast_ref(x, weight, bias, eps, dtype)
+    from .ss2d_io_triton import layer_norm_triton
+
+    return layer_norm_triton(x, weight, bias, eps, dtype)

@@ -10,6 +10,9 @@
   LayerNorm over the channels and the SiLU(z) gate, written channels-last ``(B, H, W, D)`` for
   ``out_proj``. It replaces two sums, a transposed add, a permuting copy, the norm (float32 out under
   autocast), the SiLU and the product.
+- :func:`layer_norm_triton`: a LayerNorm whose float32 result is stored in the autocast dtype: what
+  the ``nn.Linear`` after a float32 norm reads under autocast (VSS blocks' norm before ``in_proj``,
+  patch merging's before its reduction), without the float32 tensor and the cast kernel.
 
 Both work on ``(BLOCK_H, BLOCK_W, BLOCK_D)`` tiles of map positions and channels: every memory
 access then runs along a contiguous axis (``w`` for the rows sequence, ``h`` for the column-major one,
@@ -32,7 +35,8 @@ import triton.language as tl
 
 from ._twin import interpreted_twin
 
-__all__ = ["conv_cross_triton", "merge_norm_triton", "merge_fused_applies", "pick_tiles", "TILE_OVERRIDE"]
+__all__ = ["conv_cross_triton", "merge_norm_triton", "layer_norm_triton", "merge_fused_applies", "pick_tiles",
+           "TILE_OVERRIDE"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TWIN_NAME = "common.ops._ss2d_io_triton_interpreted"
@@ -158,6 +162,24 @@ def _merge_norm_kernel(
         tl.store(o_base + d3, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, D, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       BM: tl.constexpr, BD: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)[:, None]
+    cols = tl.arange(0, BD)[None, :]
+    m = (rows < M) & (cols < D)
+    x = tl.load(x_ptr + rows * D + cols, mask=m, other=0.0).to(tl.float32)
+    mean = _sum(x, 1) / D
+    dev = tl.where(m, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(_sum(dev * dev, 1) / D + eps)
+    y = dev * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * D + cols, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
 def pick_tiles(kind: str, batch: int, height: int, width: int, dim: int) -> tuple[int, int, int, int] | None:
     """``(BLOCK_H, BLOCK_W, BLOCK_D, num_warps)`` for ``kind`` ``"conv"`` or ``"merge"``; None where the
     merge kernel would leave the device mostly idle (too few positions: its programs split the map,
@@ -247,5 +269,26 @@ def merge_norm_triton(
         out, height, width, d, length, float(eps), *zs,
         NORM=normalize, HAS_W=normalize and weight is not None, HAS_B=normalize and bias is not None,
         HAS_Z=z is not None, Z_SILU=z_silu, BH=bh, BW=bw, BD=bd, num_warps=nw,
+    )
+    return out
+
+
+def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the last dimension (up to 4096 channels), float32 inside, the result stored in
+    ``out_dtype``: under autocast, what the ``nn.Linear`` after a float32 norm reads, in one kernel."""
+    if x.device.type != "cuda" and not INTERPRETED:
+        return _twin().layer_norm_triton(x, weight, bias, eps, out_dtype)
+    d = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    rows = x.numel() // max(d, 1)
+    if out.numel() == 0:
+        return out
+    bd = triton.next_power_of_2(d)
+    bm = max(1, min(64, 4096 // bd))
+    _layer_norm_kernel[(triton.cdiv(rows, bm),)](
+        x, weight if weight is not None else x, bias if bias is not None else x, out, rows, d, float(eps),
+        HAS_W=weight is not None, HAS_B=bias is not None, BM=bm, BD=bd, num_warps=4 if bd * bm <= 4096 else 8,
     )
     return out

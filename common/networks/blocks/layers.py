@@ -24,6 +24,7 @@ __all__ = [
     "PatchExpand2D",
     "to_channels_last",
     "to_channels_first",
+    "norm_before_linear",
 ]
 
 
@@ -51,6 +52,31 @@ class InputDtypeLayerNorm(nn.LayerNorm):
             w = self.weight.to(x.dtype) if self.weight is not None else None
             b = self.bias.to(x.dtype) if self.bias is not None else None
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+# benchmarks set False to compare with the float32 norm and the linear layer's cast
+NORM_BEFORE_LINEAR_FUSED = True
+
+
+def norm_before_linear(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` where an ``nn.Linear`` reads the result next.
+
+    Under autocast a plain ``nn.LayerNorm`` of a float32 ``x`` gives float32 and the linear layer then
+    casts it to the autocast dtype. Where no gradient is needed this runs as one kernel giving that
+    cast result directly (:func:`common.ops.ss2d_io.layer_norm_cast`): the same values the linear
+    layer would compute with, without the float32 tensor. Otherwise (training, no autocast, other
+    norms) it is ``norm(x)``.
+    """
+    if (not NORM_BEFORE_LINEAR_FUSED or type(norm) is not nn.LayerNorm or x.dtype != torch.float32
+            or len(norm.normalized_shape) != 1 or not torch.is_autocast_enabled(x.device.type)):
+        return norm(x)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())):
+        return norm(x)
+    from ...ops.ss2d_io import fused_io_available, layer_norm_cast
+
+    if not fused_io_available(x.device):
+        return norm(x)
+    return layer_norm_cast(x, norm.weight, norm.bias, norm.eps, torch.get_autocast_dtype(x.device.type))
 
 
 def layer_norms_in_input_dtype(module: nn.Module, enabled: bool = True) -> nn.Module:
@@ -207,7 +233,7 @@ class PatchMerging2D(nn.Module):
         if h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x))
+        return self.reduction(norm_before_linear(self.norm, x))
 
 
 class PatchExpand2D(nn.Module):

@@ -14,7 +14,7 @@ import torch.utils.checkpoint as checkpoint
 from monai.networks.layers import DropPath
 from torch import nn
 
-from .layers import LayerNorm2d, Mlp
+from .layers import LayerNorm2d, Mlp, norm_before_linear
 from .ss2d import SS2D
 
 __all__ = ["VSSBlock"]
@@ -95,7 +95,8 @@ class VSSBlock(nn.Module):
             if self.mlp is not None:
                 x = x + self.drop_path(self.norm2(self.mlp(x)))
         else:
-            x = x + self.drop_path(self.op(self.norm(x)))
+            # SS2D starts with in_proj: channels-last an nn.Linear, which reads the norm as its autocast dtype
+            x = x + self.drop_path(self.op(norm_before_linear(self.norm, x)))
             if self.mlp is not None:
                 x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
