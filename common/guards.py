@@ -576,6 +576,8 @@ class SafeCheckpointLoader(CheckpointLoader):
         from ignite.handlers import Checkpoint
         from monai.networks.utils import copy_model_state
 
+        from .networks.blocks.layers import folded_state_dict
+
         checkpoint = load_weights(self.load_path, map_location=self.map_location)
         first = next(iter(self.load_dict))
         if len(self.load_dict) == 1 and (not isinstance(checkpoint, Mapping) or first not in checkpoint):
@@ -585,6 +587,9 @@ class SafeCheckpointLoader(CheckpointLoader):
                 if key not in checkpoint:
                     raise BadInputError(self.load_path, f"checkpoint has no {key!r} entry (it has "
                                                         f"{_examples(sorted(map(str, checkpoint)), 5)})")
+                if isinstance(checkpoint[key], Mapping):
+                    # a no-op unless the network's batch norms were folded for inference (a reload)
+                    checkpoint[key] = folded_state_dict(obj, checkpoint[key])
                 if self.strict_shape:
                     check_state_dict_fits(obj, checkpoint[key], self.load_path, strict=self.strict)
         if not self.strict_shape:

@@ -63,9 +63,10 @@ class FoldBatchNorms:
     """At the start of an inference run, put the network in eval mode and fold its batch norms into
     the convolutions before them (:func:`common.networks.blocks.layers.fuse_conv_bn_for_inference`).
 
-    Attach it after the checkpoint loader (the folded network's state dict no longer matches the
-    checkpoint): handlers of the same event run in the order they were attached. Same outputs up to
-    float rounding, fewer kernels.
+    Attach it after the checkpoint loader (handlers of the same event run in the order they were
+    attached), so that the first load checks the checkpoint against the unfolded network; later
+    reloads of unfolded checkpoints are folded on the way in. Same outputs up to float rounding,
+    fewer kernels.
 
     Args:
         network: the (possibly CUDA-graph-wrapped) network the evaluator runs.

@@ -162,3 +162,55 @@ def test_fold_batch_norms_keeps_the_outputs_and_handler_runs_after_loading():
     with torch.no_grad():
         got = wrapped(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
+def test_folded_network_reloads_unfolded_checkpoints_and_refuses_to_train(tmp_path, device):
+    from ignite.engine import Engine
+
+    from common.guards import SafeCheckpointLoader
+    from common.networks.blocks.layers import FoldedBatchNorm2d, folded_state_dict, fuse_conv_bn_for_inference
+
+    net = small_net().to(device)
+    _randomise_norms(net)
+    first = {k: v.clone() for k, v in net.state_dict().items()}
+    other = small_net().to(device)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    _randomise_norms(other)
+    other.eval()
+    second = other.state_dict()
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        want = other(x)
+    tol = dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)  # cuDNN: TF32
+    wrapped = graphed_for_inference(net.eval(), enabled=True)  # CPU: the module itself; CUDA: the wrapper
+    fuse_conv_bn_for_inference(wrapped)
+    assert wrapped.folded_conv_bn > 0 and isinstance(wrapped, CUDAGraphInference) == (device == "cuda")
+    with torch.no_grad():
+        wrapped(x)  # on CUDA: captures a graph, which the reloads below must update
+    wrapped.load_state_dict(second)  # an unfolded checkpoint into the folded network, strict
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), want, **tol)
+    # the folded network's own state dict loads back into it; the helper leaves it alone
+    folded = {k: v.clone() for k, v in net.state_dict().items()}
+    assert not any("running_mean" in k for k in folded)
+    again = folded_state_dict(net, folded)
+    assert list(again) == list(folded) and all(again[k] is folded[k] for k in folded)
+    assert folded_state_dict(small_net().to(device), first) is first  # nothing folded: the dict itself
+    net.load_state_dict(folded)
+    # the same checkpoint through the bundles' loader (key check first), from a file
+    torch.save(first, tmp_path / "model.pt")
+    with torch.no_grad():
+        want_first = small_net().to(device).eval()
+        want_first.load_state_dict(first)
+        want_first = want_first(x)
+    SafeCheckpointLoader(load_path=str(tmp_path / "model.pt"), load_dict={"model": wrapped}, map_location=device)(
+        Engine(lambda e, b: None))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), want_first, **tol)
+    assert any(isinstance(m, FoldedBatchNorm2d) for m in net.modules())
+    net.train()
+    with pytest.raises(RuntimeError, match="folded into the convolution"):
+        net(x)

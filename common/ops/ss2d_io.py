@@ -86,8 +86,12 @@ def conv_cross(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return conv_cross_ref(x, weight, bias)
     from .ss2d_io_triton import conv_cross_triton
 
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return conv_cross_triton(x.to(dtype), weight, bias)
+    if not torch.is_autocast_enabled(x.device.type):
+        return conv_cross_triton(x, weight, bias)
+    # as autocast's convolution would: input, weight and bias in the autocast dtype (float32 sums).
+    # The CUDA-graph wrapper passes weights cast once already; eager and graphed give the same numbers.
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return conv_cross_triton(x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None)
 
 
 def _check_merge(ys: torch.Tensor, height: int, width: int, z: torch.Tensor | None) -> None:

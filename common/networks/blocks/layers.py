@@ -8,6 +8,8 @@ with renames only.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,8 @@ __all__ = [
     "InputDtypeLayerNorm",
     "layer_norms_in_input_dtype",
     "fuse_conv_bn_for_inference",
+    "folded_state_dict",
+    "FoldedBatchNorm2d",
     "LayerNorm2d",
     "Linear2d",
     "Mlp",
@@ -104,16 +108,85 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
             and norm.running_mean is not None and conv.out_channels == norm.num_features)
 
 
+class FoldedBatchNorm2d(nn.Identity):
+    """Where a ``BatchNorm2d`` was, once :func:`fuse_conv_bn_for_inference` folded it into the
+    convolution before it: passes its input through in eval mode, and refuses to train (the
+    statistics and affine parameters are gone, so a training step would silently drop the norm)."""
+
+    def __init__(self, num_features: int, eps: float) -> None:
+        super().__init__()
+        self.num_features, self.eps = int(num_features), float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("this BatchNorm2d was folded into the convolution before it for inference "
+                               "(fuse_conv_bn_for_inference); build the network again to train it")
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, folded"
+
+
+def _fold_pairs_state(pairs: list, state_dict: dict, prefix: str) -> None:
+    """Rewrite, in place, the entries of ``state_dict`` (keys under ``prefix``) of each unfolded
+    ``(conv path, norm path, eps, transposed)`` pair into the folded convolution's weight and bias."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    for a, b, eps, transpose in pairs:
+        conv, norm = prefix + a + ".", prefix + b + "."
+        if norm + "running_mean" not in state_dict or conv + "weight" not in state_dict:
+            continue  # folded already, or a key is missing (strict loading reports it)
+        with torch.no_grad():
+            weight, bias = fuse_conv_bn_weights(
+                state_dict[conv + "weight"], state_dict.get(conv + "bias"), state_dict.pop(norm + "running_mean"),
+                state_dict.pop(norm + "running_var"), eps, state_dict.pop(norm + "weight", None),
+                state_dict.pop(norm + "bias", None), transpose)
+        state_dict.pop(norm + "num_batches_tracked", None)
+        state_dict[conv + "weight"], state_dict[conv + "bias"] = weight.detach(), bias.detach()
+
+
+def folded_state_dict(module: nn.Module, state_dict: dict) -> dict:
+    """``state_dict`` (of ``module`` before :func:`fuse_conv_bn_for_inference`) as ``module`` holds it
+    after folding: each folded pair's convolution weight and bias computed from the checkpoint's
+    convolution and batch norm, the norm's entries dropped. A copy (``state_dict`` itself where
+    nothing is folded); entries already folded, and those of modules without folded pairs, are kept
+    as they are. ``module.load_state_dict`` does this
+    by itself (a load hook); this is for code that compares keys first."""
+    from ..graphs import CUDAGraphInference
+
+    while isinstance(module, (CUDAGraphInference, nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        module = module.module  # wrappers whose state dict is their module's (DDP's: loaded into .module)
+    folds = [(name, sub._folded_conv_bn_pairs) for name, sub in module.named_modules()
+             if getattr(sub, "_folded_conv_bn_pairs", None)]
+    if not folds:
+        return state_dict
+    out = OrderedDict(state_dict)
+    if hasattr(state_dict, "_metadata"):
+        out._metadata = state_dict._metadata  # per-module versions, which load_state_dict reads
+    for name, pairs in folds:
+        _fold_pairs_state(pairs, out, name + "." if name else "")
+    return out
+
+
+def _fold_on_load(module, state_dict, prefix, *args) -> None:
+    _fold_pairs_state(module._folded_conv_bn_pairs, state_dict, prefix)
+
+
 def fuse_conv_bn_for_inference(module: nn.Module, enabled: bool = True) -> nn.Module:
     """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` / ``ConvTranspose2d``
     into that convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``), in place; returns ``module``.
 
     Pairs are adjacent children of an ``nn.Sequential``, plus those a module names in a
     ``conv_bn_pairs`` attribute (dotted paths below it, e.g. a ResNet bottleneck's ``conv1`` /
-    ``bn1``); the norm becomes ``nn.Identity``. Same function up to float rounding, fewer kernels (a
-    batch norm in eval mode is two). For inference only: the module must be in eval mode, and the
-    state dict changes (the norms' entries go, the convolutions gain biases), so load checkpoints
-    first. ``enabled=False`` returns ``module`` untouched.
+    ``bn1``); the norm becomes a :class:`FoldedBatchNorm2d` (identity in eval mode). Same function up
+    to float rounding, fewer kernels (a batch norm in eval mode is two).
+
+    For inference only: the module must be in eval mode, and a folded norm raises if run in training
+    mode. Checkpoints of the unfolded network still load: ``load_state_dict`` folds their
+    convolution and norm entries on the way in (a load hook on each pair's parent, writing into the
+    same parameters, so CUDA graphs captured before stay valid), and :func:`folded_state_dict` does
+    the same for code that compares keys first. ``module.state_dict()`` gives the folded tensors,
+    which load only into a folded network. ``enabled=False`` returns ``module`` untouched.
     """
     if not enabled:
         return module
@@ -133,12 +206,17 @@ def fuse_conv_bn_for_inference(module: nn.Module, enabled: bool = True) -> nn.Mo
         conv, norm = parent.get_submodule(a), parent.get_submodule(b)
         if not _foldable(conv, norm):
             continue
-        fused = fuse_conv_bn_eval(conv, norm, transpose=type(conv) is nn.ConvTranspose2d)
-        for path, new in ((a, fused), (b, nn.Identity())):
+        transpose = type(conv) is nn.ConvTranspose2d
+        fused = fuse_conv_bn_eval(conv, norm, transpose=transpose)
+        for path, new in ((a, fused), (b, FoldedBatchNorm2d(norm.num_features, norm.eps).eval())):
             owner, _, leaf = path.rpartition(".")
             setattr(parent.get_submodule(owner) if owner else parent, leaf, new)
+        if "_folded_conv_bn_pairs" not in parent.__dict__:
+            parent._folded_conv_bn_pairs = []
+            parent.register_load_state_dict_pre_hook(_fold_on_load)
+        parent._folded_conv_bn_pairs.append((a, b, norm.eps, transpose))
         folded += 1
-    module.folded_conv_bn = folded
+    module.folded_conv_bn = getattr(module, "folded_conv_bn", 0) + folded
     return module
 
 
