@@ -52,7 +52,9 @@ def _add(a, b):
 
 @triton.jit
 def _sum(x, axis: tl.constexpr):
-    # our own reduction (the interpreter twin cannot call triton.language's compiled jit helpers)
+    # our own reduction (the interpreter twin cannot call triton.language's compiled jit helpers);
+    # defined here again rather than imported from scan_triton: the twin's relative import would
+    # bring the compiled module's helper, which the interpreter cannot call either
     return tl.reduce(x, axis, _add)
 
 

@@ -1,0 +1,116 @@
+"""The bundles' own training iteration on the GPU: MONAI's eager SupervisedTrainer against the
+CUDA-graph iteration of the training configs' ``cuda_graphs`` switch (``common.engines``).
+
+    python benchmarks/gpu/bench_trainer.py [--bundles msvmunet_acdc ...] [--iterations 40] [--out results.json]
+
+Each bundle's network, loss and optimizer come from its ``configs/train.json`` (paper batch and
+image size, default scan backend); the batches are synthetic and already on the GPU, repeated, so
+the data pipeline is not measured. images/s is timed over the iterations after the first
+``--skip`` (warm-up and capture excluded); peak memory allocated and reserved are over the whole
+run. Both runs start from the same weights and see the same batches, so their losses must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common.engines import graphed_train_iteration  # noqa: E402
+
+BUNDLES = ("msvmunet_acdc", "mssmamba_synapse", "mambahunet_ms")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int) -> dict:
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+    from monai.engines import SupervisedTrainer
+
+    with open(os.path.join(REPO, bundle, "configs", "train.json")) as f:
+        cfg = json.load(f)
+    parser = ConfigParser(copy.deepcopy(cfg))
+    parser["bundle_root"] = os.path.join(REPO, bundle)
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network")
+    loss = parser.get_parsed_content("loss")
+    optimizer = parser.get_parsed_content("optimizer")
+    b, size = parser["batch_size"], parser["image_size"]
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn(b, parser["in_channels"], size, size, generator=gen).cuda()
+    label = torch.randint(0, parser["num_classes"], (b, 1, size, size), generator=gen).float().cuda()
+    data = [{"image": image, "label": label}] * iterations
+    amp = precision == "bf16"
+    trainer = SupervisedTrainer(device=torch.device("cuda"), max_epochs=1, train_data_loader=data, network=network,
+                                optimizer=optimizer, loss_function=loss, amp=amp,
+                                amp_kwargs={"dtype": torch.bfloat16} if amp else None,
+                                iteration_update=graphed_train_iteration(graphed), decollate=False)
+    marks, losses = {}, []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _mark(engine):
+        losses.append(engine.state.output["loss"])
+        if engine.state.iteration in (skip, iterations):
+            torch.cuda.synchronize()
+            marks[engine.state.iteration] = time.perf_counter()
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.run()
+    seconds = marks[iterations] - marks[skip]
+    counts = getattr(trainer._process_function, "counts", None)
+    return {
+        "bundle": bundle, "precision": precision, "graphed": graphed, "batch": b, "image_size": size,
+        "images_per_s": round((iterations - skip) * b / seconds, 1),
+        "step_ms": round(seconds * 1000 / (iterations - skip), 2),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "losses": [round(float(x), 6) for x in losses],
+        "iteration_counts": counts,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=BUNDLES)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--skip", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 1
+    rows = []
+    for bundle in args.bundles:
+        for precision in args.precisions:
+            pair = {}
+            for graphed in (False, True):
+                row = run(bundle, graphed, precision, args.iterations, args.skip)
+                pair[graphed] = row
+                rows.append(row)
+                torch.cuda.empty_cache()
+            diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(pair[True]["losses"], pair[False]["losses"]))
+            pair[True]["max_rel_loss_diff_vs_eager"] = diff
+            e, g = pair[False], pair[True]
+            print(f"{bundle} {precision} b{e['batch']}: eager {e['images_per_s']} img/s ({e['peak_reserved_gib']} GiB "
+                  f"reserved), graphed {g['images_per_s']} img/s ({g['peak_reserved_gib']} GiB), "
+                  f"x{g['images_per_s'] / e['images_per_s']:.2f}; losses within {diff:.2e} (relative); "
+                  f"{g['iteration_counts']}", flush=True)
+    if args.out:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "date": datetime.date.today().isoformat(), "iterations": args.iterations, "skip": args.skip}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
