@@ -97,11 +97,11 @@ def test_training_configs_pass_the_iteration_to_the_trainer():
 
     for bundle in ("msvmunet_acdc", "mssmamba_synapse", "mambahunet_ms"):
         cfg = json.loads((ROOT / bundle / "configs" / "train.json").read_text())
-        assert cfg["cuda_graphs"] is False
+        assert cfg["cuda_graphs"] is True  # on by default: eager off CUDA and under DDP
         parser = ConfigParser(copy.deepcopy(cfg))
-        parser["cuda_graphs"] = True
         assert isinstance(parser.get_parsed_content("train#trainer#iteration_update"), CUDAGraphTrainIteration)
         parser = ConfigParser(copy.deepcopy(cfg))
+        parser["cuda_graphs"] = False  # --cuda_graphs false: MONAI's own iteration
         assert parser.get_parsed_content("train#trainer#iteration_update") is None
 
 
