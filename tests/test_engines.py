@@ -103,6 +103,13 @@ def test_training_configs_pass_the_iteration_to_the_trainer():
         parser = ConfigParser(copy.deepcopy(cfg))
         parser["cuda_graphs"] = False  # --cuda_graphs false: MONAI's own iteration
         assert parser.get_parsed_content("train#trainer#iteration_update") is None
+        # the optimizer's fused step on CUDA only (CPU runs keep PyTorch's default)
+        parser = ConfigParser(copy.deepcopy(cfg))
+        parser["device"] = "$torch.device('cpu')"
+        assert parser.get_parsed_content("optimizer#fused") is False
+        parser = ConfigParser(copy.deepcopy(cfg))
+        parser["device"] = "$torch.device('cuda:0')"
+        assert parser.get_parsed_content("optimizer#fused") is True
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

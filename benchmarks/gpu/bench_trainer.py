@@ -29,7 +29,7 @@ BUNDLES = ("msvmunet_acdc", "mssmamba_synapse", "mambahunet_ms")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int) -> dict:
+def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, fused: bool | None = None) -> dict:
     from ignite.engine import Events
     from monai.bundle import ConfigParser
     from monai.engines import SupervisedTrainer
@@ -38,6 +38,8 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int) 
         cfg = json.load(f)
     parser = ConfigParser(copy.deepcopy(cfg))
     parser["bundle_root"] = os.path.join(REPO, bundle)
+    if fused is not None:  # the config's fused optimizer step (on CUDA) against the foreach one
+        parser["optimizer"]["fused"] = fused
     torch.manual_seed(0)
     network = parser.get_parsed_content("network")
     loss = parser.get_parsed_content("loss")
@@ -56,7 +58,7 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int) 
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _mark(engine):
-        losses.append(engine.state.output["loss"])
+        losses.append(engine.state.output["loss"].detach())
         if engine.state.iteration in (skip, iterations):
             torch.cuda.synchronize()
             marks[engine.state.iteration] = time.perf_counter()
@@ -67,7 +69,8 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int) 
     seconds = marks[iterations] - marks[skip]
     counts = getattr(trainer._process_function, "counts", None)
     return {
-        "bundle": bundle, "precision": precision, "graphed": graphed, "batch": b, "image_size": size,
+        "bundle": bundle, "precision": precision, "graphed": graphed,
+        "optimizer_fused": bool(optimizer.defaults.get("fused")), "batch": b, "image_size": size,
         "images_per_s": round((iterations - skip) * b / seconds, 1),
         "step_ms": round(seconds * 1000 / (iterations - skip), 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--skip", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--unfused-too", action="store_true",
+                    help="also run both iterations with the optimizer's foreach step instead of the fused one")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -97,6 +102,13 @@ def main(argv=None) -> int:
                 pair[graphed] = row
                 rows.append(row)
                 torch.cuda.empty_cache()
+            if args.unfused_too:
+                for graphed in (False, True):
+                    row = run(bundle, graphed, precision, args.iterations, args.skip, fused=False)
+                    rows.append(row)
+                    torch.cuda.empty_cache()
+                    print(f"{bundle} {precision}: {'graphed' if graphed else 'eager'}, foreach optimizer step "
+                          f"{row['images_per_s']} img/s", flush=True)
             diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(pair[True]["losses"], pair[False]["losses"]))
             pair[True]["max_rel_loss_diff_vs_eager"] = diff
             e, g = pair[False], pair[True]
@@ -104,11 +116,11 @@ def main(argv=None) -> int:
                   f"reserved), graphed {g['images_per_s']} img/s ({g['peak_reserved_gib']} GiB), "
                   f"x{g['images_per_s'] / e['images_per_s']:.2f}; losses within {diff:.2e} (relative); "
                   f"{g['iteration_counts']}", flush=True)
-    if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                "date": datetime.date.today().isoformat(), "iterations": args.iterations, "skip": args.skip}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            if args.out:  # after every pair, so a cut-off run keeps what it measured
+                meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                        "date": datetime.date.today().isoformat(), "iterations": args.iterations, "skip": args.skip}
+                with open(args.out, "w") as f:
+                    json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return 0
 
 
