@@ -128,10 +128,9 @@ def _clone(x: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _sync_watch(enabled: bool):
-    """Collect the warnings of CUDA operations that synchronise with the CPU (``.item()``, boolean
-    indexing, ``nonzero``) in the block, through PyTorch's sync debug mode; a list of messages."""
-    found: list[str] = []
+def _sync_watch(enabled: bool, found: list[str]):
+    """Add to ``found`` the warnings of CUDA operations that synchronise with the CPU (``.item()``,
+    boolean indexing, ``nonzero``) in the block, through PyTorch's sync debug mode."""
     if not enabled:
         yield found
         return
@@ -244,14 +243,16 @@ class CUDAGraphTrainIteration:
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with _sync_watch(watch) as syncs:
-            with self._autocast(engine, capturing=False):
-                engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
-                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-                engine.state.output[Keys.LOSS] = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
-                engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            loss = engine.state.output[Keys.LOSS]
-            scaler = engine.scaler if engine.amp else None
+        syncs: list[str] = []  # the handlers of the events below run outside a graph too: not watched
+        with _sync_watch(watch, syncs), self._autocast(engine, capturing=False):
+            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        with _sync_watch(watch, syncs), self._autocast(engine, capturing=False):
+            engine.state.output[Keys.LOSS] = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss = engine.state.output[Keys.LOSS]
+        scaler = engine.scaler if engine.amp else None
+        with _sync_watch(watch, syncs):
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if watch:
             self._sync = syncs[0] if syncs else None

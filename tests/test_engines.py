@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss
 
 from common.engines import CapturePolicy, CUDAGraphTrainIteration, graphed_train_iteration
@@ -70,6 +72,10 @@ def train(device, iteration_update, amp=False, epochs=3, sizes=(4, 4, 4, 3), fre
     def _freeze(engine):
         for p in params[: len(params) // 2]:
             p.requires_grad_(engine.state.epoch < freeze_at_epoch)
+
+    @trainer.on(IterationEvents.LOSS_COMPLETED)
+    def _guard(engine):  # synchronises, as the bundles' non-finite-loss guard: outside the graph, so allowed
+        assert math.isfinite(float(engine.state.output["loss"].detach()))
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _record(engine):
