@@ -128,12 +128,9 @@ def _clone(x: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _sync_watch(enabled: bool, found: list[str]):
+def _sync_watch(found: list[str]):
     """Add to ``found`` the warnings of CUDA operations that synchronise with the CPU (``.item()``,
     boolean indexing, ``nonzero``) in the block, through PyTorch's sync debug mode."""
-    if not enabled:
-        yield found
-        return
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -181,7 +178,7 @@ class CUDAGraphTrainIteration:
         self._side: torch.cuda.Stream | None = None
         self._disabled: str | None = None
         self._logged: set[str] = set()
-        self._sync: str | None = None  # a CPU synchronisation seen in the last warm-up's step
+        self._sync: str | None = None  # a CPU synchronisation seen in the last eager step
         self.counts = {"replay": 0, "capture": 0, "eager": 0}
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -233,10 +230,10 @@ class CUDAGraphTrainIteration:
             self._grads_out_of_pool(engine, [p for p in engine.network.parameters() if p.grad is not None])
 
     # -- the iteration paths ------------------------------------------------------------------------
-    def _eager(self, engine: Any, inputs: torch.Tensor, targets: torch.Tensor, watch: bool = True) -> dict:
+    def _eager(self, engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
         """MONAI's own iteration (``SupervisedTrainer._iteration`` without accumulation) on a prepared
-        batch; with ``watch``, a CPU synchronisation in the forward, loss or backward is noted in
-        ``self._sync`` (it would break the capture)."""
+        batch; a CPU synchronisation in the forward, loss or backward is noted in ``self._sync`` (it
+        would break the capture)."""
         from monai.engines.utils import IterationEvents
         from monai.utils import CommonKeys as Keys
 
@@ -244,18 +241,17 @@ class CUDAGraphTrainIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         syncs: list[str] = []  # the handlers of the events below run outside a graph too: not watched
-        with _sync_watch(watch, syncs), self._autocast(engine, capturing=False):
+        with _sync_watch(syncs), self._autocast(engine, capturing=False):
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        with _sync_watch(watch, syncs), self._autocast(engine, capturing=False):
+        with _sync_watch(syncs), self._autocast(engine, capturing=False):
             engine.state.output[Keys.LOSS] = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = engine.state.output[Keys.LOSS]
         scaler = engine.scaler if engine.amp else None
-        with _sync_watch(watch, syncs):
+        with _sync_watch(syncs):
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        if watch:
-            self._sync = syncs[0] if syncs else None
+        self._sync = syncs[0] if syncs else None
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         self._optimizer_step(engine)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
@@ -284,13 +280,14 @@ class CUDAGraphTrainIteration:
         side.wait_stream(current)
         with torch.cuda.stream(side):
             out = self._eager(engine, inputs, targets)
-        current.wait_stream(self._side)
+        current.wait_stream(side)
         return out
 
-    def _capture(self, engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> _TrainGraph:
+    def _capture(self, engine: Any, inputs: torch.Tensor, targets: torch.Tensor,
+                 had_grad: Sequence[nn.Parameter]) -> _TrainGraph:
+        """Capture forward, loss and backward; ``had_grad``: the parameters with a gradient before."""
         engine.state.output = None  # frees the last iteration's autograd graph (its gradient accumulators)
         engine.network.train()
-        had_grad = [p for p in engine.network.parameters() if p.grad is not None]
         engine.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
         static_in = _plain(inputs).detach().clone()
         static_target = _plain(targets).detach().clone()
@@ -300,8 +297,9 @@ class CUDAGraphTrainIteration:
         # torch.cuda.graph does not restore the current stream when ending the capture raises (a
         # step that synchronises): the outer stream context does, so a failed capture leaves the
         # process on its own stream
-        with torch.cuda.stream(self._side_stream(inputs.device)):
-            with torch.cuda.graph(graph, stream=self._side, capture_error_mode="thread_local"):
+        side = self._side_stream(inputs.device)
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 with self._autocast(engine, capturing=True):
                     pred = engine.inferer(static_in, engine.network)
                     loss = engine.loss_function(pred, static_target).mean()
@@ -330,24 +328,26 @@ class CUDAGraphTrainIteration:
         self.counts["replay"] += 1
         return engine.state.output
 
+    def _monai_iteration(self, engine: Any, batchdata: Any, reason: str) -> dict:
+        self._log_once(f"CUDA-graph training iteration off ({reason}): MONAI's eager iteration runs")
+        self.counts["eager"] += 1
+        return engine._iteration(engine, batchdata)
+
     # -- the iteration ------------------------------------------------------------------------------
     def __call__(self, engine: Any, batchdata: Any) -> dict:
         reason = self._unsupported(engine)
         if reason is None and batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         if reason is not None:
-            self._log_once(f"CUDA-graph training iteration off ({reason}): MONAI's eager iteration runs")
-            self.counts["eager"] += 1
-            return engine._iteration(engine, batchdata)
+            return self._monai_iteration(engine, batchdata, reason)
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
                                      **(getattr(engine, "to_kwargs", None) or {}))
         if len(batch) != 2 or not all(isinstance(t, torch.Tensor) for t in batch):
             self._disabled = "the prepared batch is not one (inputs, targets) pair of tensors"
-            self._log_once(f"CUDA-graph training iteration off ({self._disabled}): MONAI's eager iteration runs")
-            return engine._iteration(engine, batchdata)
+            return self._monai_iteration(engine, batchdata, self._disabled)
         inputs, targets = batch
         key = self._key(engine.network, inputs, targets)
-        if self._graph is not None and key != self.policy.captured and key[-1] != self.policy.captured[-1]:
+        if self._graph is not None and key[-1] != self.policy.captured[-1]:
             self._drop_graph(engine)  # the trained parameters changed: the graph's backward is stale
         action = self.policy.decide(key)
         if action == CapturePolicy.REPLAY:
@@ -363,7 +363,7 @@ class CUDAGraphTrainIteration:
             self._drop_graph(engine)
             had_grad = [p for p in engine.network.parameters() if p.grad is not None]
             try:
-                self._graph = self._capture(engine, inputs, targets)
+                self._graph = self._capture(engine, inputs, targets, had_grad)
             except Exception as err:  # noqa: BLE001 - any capture failure: keep training eagerly
                 self._graph = None
                 torch.cuda.synchronize(inputs.device)

@@ -22,11 +22,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 from common.engines import graphed_train_iteration  # noqa: E402
 
 BUNDLES = ("msvmunet_acdc", "mssmamba_synapse", "mambahunet_ms")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _step_kind(optimizer: torch.optim.Optimizer) -> str:
