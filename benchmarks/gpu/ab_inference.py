@@ -28,10 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from bench_network import NETWORKS, build  # noqa: E402
 from bench_scan import timed, write_results  # noqa: E402
 
-from common.networks.blocks import layers  # noqa: E402
 from common.networks.blocks.layers import fuse_conv_bn_for_inference, layer_norms_in_input_dtype  # noqa: E402
 from common.networks.graphs import CUDAGraphInference  # noqa: E402
-from common.ops import scan_triton  # noqa: E402
+from common.ops import layer_norm, scan_triton  # noqa: E402
+
+DEFAULT_NORM_SCOPE = layer_norm.SCOPE
 
 
 def _load_module_copy(path: str, network: str):
@@ -62,7 +63,8 @@ def main(argv=None):
                          "four_copy (SS2D's four-direction copy around the scan, as before its bidirectional scan), "
                          "unfused_io (SS2D's conv / cross-scan copy and merge / norm / gate as separate ops, "
                          "and the norms before linear layers in float32 then cast), float32_norm_cast (only the "
-                         "latter), "
+                         "latter), channel_norm_all (every LayerNorm2d too through the channel-norm kernel, "
+                         "common.ops.layer_norm scope 'all'), "
                          "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeat", type=int, default=50)
@@ -106,7 +108,8 @@ def main(argv=None):
         models[v] = m
     def options(name):
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-        layers.NORM_BEFORE_LINEAR_FUSED = name not in ("unfused_io", "float32_norm_cast")
+        layer_norm.SCOPE = ("off" if name in ("unfused_io", "float32_norm_cast")
+                            else "all" if name == "channel_norm_all" else DEFAULT_NORM_SCOPE)
         if name == "segments_before":
             scan_triton.CONFIG_OVERRIDE["step"] = {"seg_fwd_aim": 6, "min_seg_fwd": 32}
         else:

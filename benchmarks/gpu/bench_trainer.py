@@ -25,6 +25,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 from common.engines import graphed_train_iteration  # noqa: E402
+from common.ops import layer_norm as _layer_norm  # noqa: E402
+
+DEFAULT_NORM_SCOPE = _layer_norm.SCOPE
 
 BUNDLES = ("msvmunet_acdc", "mssmamba_synapse", "mambahunet_ms")
 
@@ -40,8 +43,13 @@ def _step_kind(optimizer: torch.optim.Optimizer) -> str:
     return "for-loop"
 
 
-def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, default_step: bool = False) -> dict:
+def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, default_step: bool = False,
+        channel_norm: str | None = None) -> dict:
     from ignite.engine import Events
+
+    from common.ops import layer_norm
+
+    layer_norm.SCOPE = channel_norm or DEFAULT_NORM_SCOPE  # "all": the A/B of --norms both
     from monai.bundle import ConfigParser
     from monai.engines import SupervisedTrainer
 
@@ -81,7 +89,7 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
     counts = getattr(trainer._process_function, "counts", None)
     return {
         "bundle": bundle, "precision": precision, "graphed": graphed,
-        "optimizer_step": _step_kind(optimizer), "batch": b, "image_size": size,
+        "optimizer_step": _step_kind(optimizer), "channel_norm_scope": layer_norm.SCOPE, "batch": b, "image_size": size,
         "images_per_s": round((iterations - skip) * b / seconds, 1),
         "step_ms": round(seconds * 1000 / (iterations - skip), 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -101,6 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unfused-too", action="store_true",
                     help="also run both iterations with PyTorch's default optimizer step (foreach on CUDA) "
                          "instead of the config's fused one")
+    ap.add_argument("--norms", choices=["default", "both"], default="default",
+                    help="both: also run the graphed iteration with every norm through the channel-norm kernels "
+                         "(common.ops.layer_norm scope 'all', training included)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -122,6 +133,14 @@ def main(argv=None) -> int:
                     mode = "graphed" if graphed else "eager"
                     print(f"{bundle} {precision}: {mode}, PyTorch's default optimizer step ({row['optimizer_step']}) "
                           f"{row['images_per_s']} img/s", flush=True)
+            if args.norms == "both":
+                row = run(bundle, True, precision, args.iterations, args.skip, channel_norm="all")
+                rows.append(row)
+                torch.cuda.empty_cache()
+                print(f"{bundle} {precision}: graphed with the channel-norm kernels everywhere {row['images_per_s']} "
+                      f"img/s ({row['peak_allocated_gib']} GiB allocated) vs the default's "
+                      f"{pair[True]['images_per_s']} "
+                      f"({pair[True]['peak_allocated_gib']} GiB)", flush=True)
             diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(pair[True]["losses"], pair[False]["losses"]))
             pair[True]["max_rel_loss_diff_vs_eager"] = diff
             e, g = pair[False], pair[True]

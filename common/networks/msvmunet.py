@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .blocks import LayerNorm2d, Linear2d, Mlp, VSSBlock
+from .blocks.layers import norm_before_linear
 from .checkpoint import load_mapped, read_state_dict, tensors_of
 from .vssm import init_vmamba_v0_weights
 
@@ -137,7 +138,11 @@ class LKPE(nn.Module):
         self.norm = LayerNorm2d(self.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_pixel_shuffle_channels_last_order(self.expand(x), self.scale))
+        return self.norm(self.expand_shuffle(x))
+
+    def expand_shuffle(self, x: torch.Tensor) -> torch.Tensor:
+        """The expanded, pixel-shuffled map before the norm."""
+        return _pixel_shuffle_channels_last_order(self.expand(x), self.scale)
 
 
 class FLKPE(LKPE):
@@ -148,7 +153,7 @@ class FLKPE(LKPE):
         self.out = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(super().forward(x))
+        return self.out(norm_before_linear(self.norm, self.expand_shuffle(x)))  # out reads it in its autocast dtype
 
 
 class VMambaEncoder(nn.Module):

@@ -58,21 +58,34 @@ class InputDtypeLayerNorm(nn.LayerNorm):
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
-# benchmarks set False to compare with the float32 norm and the linear layer's cast
-NORM_BEFORE_LINEAR_FUSED = True
-
-
 def norm_before_linear(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` where an ``nn.Linear`` reads the result next.
+    """``norm(x)`` where a convolution or linear layer reads the result next.
 
-    Under autocast a plain ``nn.LayerNorm`` of a float32 ``x`` gives float32 and the linear layer then
-    casts it to the autocast dtype. Where no gradient is needed this runs as one kernel giving that
-    cast result directly (:func:`common.ops.ss2d_io.layer_norm_cast`): the same values the linear
-    layer would compute with, without the float32 tensor. Otherwise (training, no autocast, other
-    norms) it is ``norm(x)``.
+    Under autocast an ``nn.LayerNorm`` (or :class:`LayerNorm2d`) gives float32 and the layer after it
+    casts that to the autocast dtype. On CUDA this can run as one kernel giving the cast result
+    directly, the values the layer computes with:
+
+    - with :data:`common.ops.layer_norm.SCOPE` ``"all"``: :func:`common.ops.layer_norm.layer_norm_channels`
+      for both norms, differentiable (in training the same gradients: the layer's input gradient is
+      in the autocast dtype either way), without the float32 tensor and the cast;
+    - by default (``"linear_inference"``): an ``nn.LayerNorm`` of a float32 ``x`` where no gradient is
+      needed, through :func:`common.ops.ss2d_io.layer_norm_cast` (the kernel timed on the H200).
+
+    Otherwise (no autocast, CPU, other norms, scope ``"off"``) it is ``norm(x)``.
     """
-    if (not NORM_BEFORE_LINEAR_FUSED or type(norm) is not nn.LayerNorm or x.dtype != torch.float32
-            or len(norm.normalized_shape) != 1 or not torch.is_autocast_enabled(x.device.type)):
+    kind = type(norm)
+    if (kind not in (nn.LayerNorm, LayerNorm2d) or len(norm.normalized_shape) != 1
+            or not torch.is_autocast_enabled(x.device.type)):
+        return norm(x)
+    from ...ops.layer_norm import channel_norm_available, layer_norm_channels, norm_scope
+
+    dtype = torch.get_autocast_dtype(x.device.type)
+    scope = norm_scope()
+    if scope == "all":
+        if not channel_norm_available(x.device):
+            return norm(x)
+        return layer_norm_channels(x, norm.weight, norm.bias, norm.eps, 1 if kind is LayerNorm2d else -1, dtype)
+    if scope == "off" or kind is not nn.LayerNorm or x.dtype != torch.float32:
         return norm(x)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())):
         return norm(x)
@@ -80,7 +93,7 @@ def norm_before_linear(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if not fused_io_available(x.device):
         return norm(x)
-    return layer_norm_cast(x, norm.weight, norm.bias, norm.eps, torch.get_autocast_dtype(x.device.type))
+    return layer_norm_cast(x, norm.weight, norm.bias, norm.eps, dtype)
 
 
 def layer_norms_in_input_dtype(module: nn.Module, enabled: bool = True) -> nn.Module:
@@ -221,9 +234,18 @@ def fuse_conv_bn_for_inference(module: nn.Module, enabled: bool = True) -> nn.Mo
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a channel-first ``(B, C, H, W)`` tensor (VMamba's ``ln2d``)."""
+    """LayerNorm over the channels of a channel-first ``(B, C, H, W)`` tensor (VMamba's ``ln2d``).
+
+    Where :func:`common.ops.layer_norm.channel_norm_available` (CUDA, scope ``"all"``) one kernel each way in
+    the input's layout (:func:`common.ops.layer_norm.layer_norm_channels`); else a channels-last view,
+    ``F.layer_norm`` and the channel-first view back.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ...ops.layer_norm import channel_norm_available, layer_norm_channels
+
+        if channel_norm_available(x.device) and len(self.normalized_shape) == 1:
+            return layer_norm_channels(x, self.weight, self.bias, self.eps, 1)
         x = F.layer_norm(to_channels_last(x), self.normalized_shape, self.weight, self.bias, self.eps)
         return to_channels_first(x)
 

@@ -52,7 +52,7 @@ from ...ops.cross_scan import (
     fused_cross_scan_available,
 )
 from ...ops.ss2d_io import conv_cross, fused_io_available, merge_norm, merge_norm_ref
-from .layers import LayerNorm2d, Linear2d, to_channels_first, to_channels_last
+from .layers import LayerNorm2d, Linear2d, norm_before_linear, to_channels_first, to_channels_last
 
 __all__ = ["SS2D", "cross_scan", "cross_merge"]  # the cross-scan pair lives in common.ops.cross_scan
 
@@ -306,7 +306,8 @@ class SS2D(nn.Module):
         y = self.ssm(self.act(x)).to(x.dtype)
         if not self.channel_first:
             y = to_channels_last(y)
-        y = self.out_norm(y)
         if z is not None:
-            y = y * z
+            y = self.out_norm(y) * z
+        else:  # out_proj reads the norm in its autocast dtype
+            y = norm_before_linear(self.out_norm, y)
         return self.dropout(self.out_proj(y))

@@ -95,10 +95,12 @@ class VSSBlock(nn.Module):
             if self.mlp is not None:
                 x = x + self.drop_path(self.norm2(self.mlp(x)))
         else:
-            # SS2D starts with in_proj: channels-last an nn.Linear, which reads the norm as its autocast dtype
+            # SS2D starts with in_proj (an nn.Linear or a 1x1 conv), which reads the norm in its autocast dtype
             x = x + self.drop_path(self.op(norm_before_linear(self.norm, x)))
             if self.mlp is not None:
-                x = x + self.drop_path(self.mlp(self.norm2(x)))
+                # Mlp (and MS-FFN) start with fc1, which casts the norm to the autocast dtype
+                h = norm_before_linear(self.norm2, x) if isinstance(self.mlp, Mlp) else self.norm2(x)
+                x = x + self.drop_path(self.mlp(h))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
