@@ -111,14 +111,15 @@ def _ln_bwd_kernel(x_ptr, w_ptr, g_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_p
         tl.store(db_ptr + pid * C + cs, acc_b, mask=cs < C)
 
 
-def pick_tile(channels: int) -> tuple[int, int, int]:
+def pick_tile(channels: int, interpreted: bool = False) -> tuple[int, int, int]:
     """``(BLOCK_C, BLOCK_P, num_warps)``: all the channels (up to 4096) and enough positions for a
-    4096-value tile, 8 warps from 1024 channels."""
+    4096-value tile, 8 warps from 1024 channels; at most 8 positions under the interpreter (CPU
+    tests), whose reductions slow down with the tile's width."""
     bc = triton.next_power_of_2(max(channels, 1))
     forced = TILE_OVERRIDE.get("ln")
     if forced is not None:
         return bc, forced[0], forced[1]
-    bp = max(1, min(128, 4096 // bc))
+    bp = max(1, min(8 if interpreted else 128, 4096 // bc))
     return bc, bp, 8 if bc >= 1024 else 4
 
 
@@ -146,7 +147,7 @@ def layer_norm_fwd(x: torch.Tensor, xs: tuple[int, int, int, int, int, int], y: 
         rstd = torch.empty(nb, npos, device=x.device, dtype=torch.float32)
     if nb * nc * npos == 0:
         return mean, rstd
-    bc, bp, nw = pick_tile(nc)
+    bc, bp, nw = pick_tile(nc, x.device.type != "cuda")
     _ln_fwd_kernel[(triton.cdiv(npos, bp), nb)](
         x, weight if weight is not None else x, bias if bias is not None else x, y,
         mean if save else x, rstd if save else x, nc, npos, float(eps), *xs[3:], *ys,
@@ -163,7 +164,7 @@ def layer_norm_bwd(x: torch.Tensor, xs: tuple[int, ...], g: torch.Tensor, gs: tu
     if x.device.type != "cuda" and not INTERPRETED:
         return _twin().layer_norm_bwd(x, xs, g, gs, dx, ds, weight, mean, rstd, affine_grad)
     nb, nc, npos = xs[:3]
-    bc, bp, nw = pick_tile(nc)
+    bc, bp, nw = pick_tile(nc, x.device.type != "cuda")
     tiles_p = triton.cdiv(npos, bp)
     tiles = nb * tiles_p
     if tiles == 0 or nc == 0:
