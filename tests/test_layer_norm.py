@@ -123,7 +123,7 @@ def test_norms_before_a_linear_layer_reach_it_in_the_autocast_dtype(kernels, mon
     torch.manual_seed(6)
     calls = []
     real = ln.layer_norm_channels
-    monkeypatch.setattr(ln, "layer_norm_channels", lambda *a: calls.append(a[4]) or real(*a))
+    monkeypatch.setattr(layers, "layer_norm_channels", lambda *a: calls.append(a[4]) or real(*a))
     monkeypatch.setattr(ln, "SCOPE", "all")
     norm2d, norm = LayerNorm2d(16).to(DEVICE), nn.LayerNorm(16).to(DEVICE)
     x2d, x = torch.randn(2, 16, 5, 7, device=DEVICE), torch.randn(2, 5, 7, 16, device=DEVICE)

@@ -171,7 +171,9 @@ def test_torchscript_errors_without_the_ref_scan(name, trained, tmp_path):
     """What a user gets from ``ckpt_export`` without ``--use_trace True --scan_backend ref``: scripting fails in the
     TorchScript compiler, and a trace with the automatic scan (an autograd.Function) cannot be saved."""
     net, _ = trained(name)
-    with pytest.raises(RuntimeError):
+    # a RuntimeError from the scan, or (MSVM-UNet's LayerNorm2d reaches the norm-kernel dispatch first) the
+    # compiler's NotSupportedError
+    with pytest.raises((RuntimeError, torch.jit.frontend.FrontendError)):
         torch.jit.script(net)
     assert {b.scan_backend for b in net.modules() if hasattr(b, "scan_backend")} == {None}
     with torch.no_grad(), warnings.catch_warnings():

@@ -186,7 +186,7 @@ def test_vss_block_norm_reaches_in_proj_in_the_autocast_dtype(kernels, monkeypat
     x = torch.randn(2, 5, 7, 16, device=DEVICE)
     calls = []
     real = ss2d_io.layer_norm_cast
-    monkeypatch.setattr(ss2d_io, "layer_norm_cast", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(layers, "layer_norm_cast", lambda *a: calls.append(a[0].shape) or real(*a))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         ref = block(x)  # parameters want gradients: nn.LayerNorm in float32, in_proj casts
         assert not calls

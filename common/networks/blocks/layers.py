@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.layer_norm import channel_norm_available, layer_norm_channels, norm_scope
+from ...ops.ss2d_io import fused_io_available, layer_norm_cast
+
 __all__ = [
     "InputDtypeLayerNorm",
     "layer_norms_in_input_dtype",
@@ -77,8 +80,6 @@ def norm_before_linear(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if (kind not in (nn.LayerNorm, LayerNorm2d) or len(norm.normalized_shape) != 1
             or not torch.is_autocast_enabled(x.device.type)):
         return norm(x)
-    from ...ops.layer_norm import channel_norm_available, layer_norm_channels, norm_scope
-
     dtype = torch.get_autocast_dtype(x.device.type)
     scope = norm_scope()
     if scope == "all":
@@ -89,8 +90,6 @@ def norm_before_linear(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return norm(x)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())):
         return norm(x)
-    from ...ops.ss2d_io import fused_io_available, layer_norm_cast
-
     if not fused_io_available(x.device):
         return norm(x)
     return layer_norm_cast(x, norm.weight, norm.bias, norm.eps, dtype)
@@ -242,8 +241,6 @@ class LayerNorm2d(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ...ops.layer_norm import channel_norm_available, layer_norm_channels
-
         if channel_norm_available(x.device) and len(self.normalized_shape) == 1:
             return layer_norm_channels(x, self.weight, self.bias, self.eps, 1)
         x = F.layer_norm(to_channels_last(x), self.normalized_shape, self.weight, self.bias, self.eps)
