@@ -127,6 +127,59 @@ def test_matches_reference(interpreter, batch, dim, length, n, b_form, c_form, d
     compare(got, want, dtype)
 
 
+# plane kernels for plain scans (time-varying B / C, N <= 4; opt-in: CONFIG_OVERRIDE["path"] = "plane"; the
+# fused cross-scan's default, tests/test_cross_scan.py): (batch, dim, L, N, B form, C form,
+# dtype, options, forced (chunk elements, num_warps) or None). Several channels per program with one group
+# each (stored dB / dC), one channel of a group of 8 (atomics), rows of several lines and several
+# chunks (the state and the adjoint carried between them), padded tails, N 2-4, shared B, z,
+# last_state, float64, bf16.
+PLANE_CASES = [
+    pytest.param(2, 8, 37, 1, "g4", "g4", torch.float32, ALL, None, id="N1-groups-stored"),
+    pytest.param(2, 8, 37, 1, "g1", "g2", torch.float32, NONE, (16, 4), id="N1-bare-atomics-chunks"),
+    pytest.param(2, 8, 300, 2, "shared", "g2", torch.float32, ALL, (128, 2), id="N2-shared-B-lines-chunks"),
+    pytest.param(2, 16, 5, 4, "g2", "g2", torch.float32, dict(ALL, with_z=False), None, id="N4-short"),
+    pytest.param(1, 4, 19, 1, "g2", "g2", torch.float64, ALL, None, id="fp64"),
+    pytest.param(2, 8, 30, 1, "g4", "g4", torch.bfloat16, ALL, None, id="bf16"),
+]
+
+
+@pytest.mark.parametrize("batch,dim,length,n,b_form,c_form,dtype,opts,config", PLANE_CASES)
+def test_plane_kernels(interpreter, monkeypatch, batch, dim, length, n, b_form, c_form, dtype, opts, config):
+    interpreter.CONFIG_OVERRIDE["path"] = "plane"
+    if config is not None:
+        interpreter.CONFIG_OVERRIDE["plane"] = config
+    used = []
+    real = interpreter._plane.plane_fwd
+    monkeypatch.setattr(interpreter._plane, "plane_fwd", lambda *a: used.append(a[-2]) or real(*a))
+    test_matches_reference(interpreter, batch, dim, length, n, b_form, c_form, dtype, opts, None)
+    assert len(used) == 1 and used[0]["HP"] * used[0]["WP"] >= length
+    if config is not None:
+        assert used[0]["num_warps"] == config[1] and used[0]["nch_r"] > 1
+
+
+def test_plane_kernels_apply_to_small_states(interpreter):
+    cfg = interpreter._plane.plane_config
+    # a plain row: a map of 64-step lines, walked in bands of 8 lines (512 elements)
+    assert cfg(384, 384, 3136, 1, 96, None) == dict(BD=1, H=49, W=64, HP=64, WP=64, RB=8, CB=8, nch_r=7, nch_c=1,
+                                                    NCHP=8, num_warps=8)
+    assert cfg(1536, 1536, 196, 1, 384, None)["BD"] == 2  # short rows: two channels of a group per program
+    assert cfg(3072, 3072, 49, 1, 768, None)["BD"] == 8
+    assert cfg(3072, 3072, 49, 1, 4, None)["BD"] == 4  # never across a group
+    # maps: bands of rows for the row-major orders, of columns for the column-major ones
+    assert cfg(384, 96, 56 * 56, 1, 96, (56, 56)) == dict(BD=1, H=56, W=56, HP=64, WP=64, RB=8, CB=8, nch_r=7,
+                                                          nch_c=7, NCHP=8, num_warps=8)
+    assert cfg(384, 96, 5 * 100, 1, 96, (5, 100))["CB"] == 64
+    assert cfg(384, 384, 64 * 512 + 1, 1, 96, None) is None  # more chunks than a program walks
+    assert cfg(384, 96, 8192 * 2, 1, 96, (2, 8192)) is None  # a side over 4096
+    assert cfg(384, 384, 100, 8, 96, None) is None  # N > 4: the step kernels
+    assert cfg(384, 96, 120 * 256, 1, 96, (120, 256)) is None  # bands of 2 rows: the tile kernels
+    assert cfg(384, 96, 120 * 256, 1, 96, (120, 256), override=(512, 8))["RB"] == 2  # unless forced
+    # the dispatch: the fused cross-scan takes them unless the tile kernels are forced
+    assert interpreter.plane_cross_scan_applies(96, 56, 56, 1)
+    interpreter.CONFIG_OVERRIDE["path"] = "tile"
+    assert not interpreter.plane_cross_scan_applies(96, 56, 56, 1)
+
+
 # time-in-thread kernels (time-varying B / C, N >= 8): (BLOCK_L, LN, NW, cap) launch configurations,
 # with the channel count and occupancy target that make the backward walk several channel blocks per
 # program with atomics (2 groups; a group's channels > a program's span). The interpreter is slow, so
@@ -234,8 +287,12 @@ def test_tile_path_is_used_where_time_in_thread_does_not_apply(interpreter):
     assert cfg(64, 64, 64, 2, False, torch.device(DEVICE)) is None  # N > 32
 
 
-def test_large_delta_stays_finite(interpreter):
-    interpreter.CONFIG_OVERRIDE.update(fwd=(2, 16, 4), bwd=(2, 16, 4))
+@pytest.mark.parametrize("path", ["tile", "plane"])
+def test_large_delta_stays_finite(interpreter, path):
+    if path == "tile":
+        interpreter.CONFIG_OVERRIDE.update(fwd=(2, 16, 4), bwd=(2, 16, 4))
+    else:
+        interpreter.CONFIG_OVERRIDE.update(path="plane", plane=(32, 4))  # several chunks
     inputs = make_inputs(1, 4, 48, 4, b_shape=(1, 2, 4, 48), c_shape=(1, 2, 4, 48), delta_scale=80.0)
     inputs[1] = inputs[1].abs() + 20  # softplus(40) ~ 40, exp(delta * A) underflows to 0
     inputs[2] = inputs[2] * 5

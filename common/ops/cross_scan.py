@@ -35,6 +35,7 @@ __all__ = [
     "cross_selective_scan",
     "cross_selective_scan_ref",
     "fused_cross_scan_available",
+    "plane_cross_scan_available",
     "bidirectional_selective_scan",
     "bidirectional_selective_scan_ref",
     "bidirectional_scan_available",
@@ -100,6 +101,18 @@ def cross_selective_scan_ref(x, delta, A, B, C, D=None, delta_bias=None, delta_s
 def fused_cross_scan_available(backend: str | None, device: torch.device | str) -> bool:
     """Whether :func:`cross_selective_scan` runs fused (no map copies) for this backend choice and device."""
     return resolve_backend(backend, device) == "triton"
+
+
+def plane_cross_scan_available(backend: str | None, device: torch.device | str, d: int, height: int, width: int,
+                               d_state: int) -> bool:
+    """Whether :func:`cross_selective_scan` runs on the ``triton`` backend's plane kernels here: one program
+    reads a whole ``height x width`` map (up to 4096 elements once padded to powers of two) for all four
+    directions, ``d_state`` <= 4 (MSVM-UNet's SS2D)."""
+    if resolve_backend(backend, device) != "triton":
+        return False
+    from .scan_triton import plane_cross_scan_applies
+
+    return plane_cross_scan_applies(d, height, width, d_state)
 
 
 def cross_selective_scan(

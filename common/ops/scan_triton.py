@@ -5,7 +5,11 @@ Same signature and semantics as :func:`common.ops.scan_ref.selective_scan_ref` (
 ``B`` / ``C`` fixed ``(dim, N)``, shared ``(batch, N, L)`` or grouped ``(batch, G, N, L)``, and
 gradients for every input, also through ``last_state``.
 
-Three kernel families, chosen per call:
+Four kernel families, chosen per call:
+
+- Plane kernels (:mod:`common.ops.scan_triton_plane`; N <= 4, time-varying B and C): the fused
+  cross-scan's default, one program reading a channel's whole map in bands for all four directions;
+  for plain scans only when ``CONFIG_OVERRIDE["path"] = "plane"`` (not faster there on an H100).
 
 - Tile kernels (N < 8, e.g. MSVM-UNet's N = 1, and fixed B or C). One program per (block of
   ``BLOCK_D`` channels of one B/C group, batch element) walks the sequence in chunks of ``BLOCK_L``
@@ -50,7 +54,9 @@ cross-scan is then one transposed copy (no flips, no concatenation).
 
 Fused cross-scan mode (``spatial=(H, W)``, :func:`cross_selective_scan_triton`): the kernels read
 the ``(B, D, H, W)`` map and the per-direction inputs at the map position of each step of each of
-the four SS2D directions (``_pos``) and write the outputs there: no ``(B, 4, D, L)`` copy.
+the four SS2D directions and write the outputs there: no ``(B, 4, D, L)`` copy. At N <= 4 the plane
+kernels do it (bands of the map, the four outputs summed in the kernel); otherwise the chunked kernels
+(``_pos``; the time-in-thread ones at N 8-32).
 
 Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 (step kernels, state
 stored every 8 steps) forward + backward 1.13-1.28x faster than mamba-ssm's CUDA kernel at L 3136 and
@@ -76,17 +82,25 @@ from ._twin import interpreted_twin
 from .scan_ref import check_scan_inputs
 
 __all__ = ["selective_scan_triton", "cross_selective_scan_triton", "bidirectional_selective_scan_triton",
-           "bidirectional_step_available", "SelectiveScanTriton", "pick_config",
+           "bidirectional_step_available", "plane_cross_scan_applies", "SelectiveScanTriton", "pick_config",
            "CONFIG_OVERRIDE", "TIME_IN_THREAD_CONFIG"]
 
 # Were the kernels of this module object built for the interpreter (CPU tensors)?
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TWIN_NAME = "common.ops._scan_triton_interpreted"
+if INTERPRETED:  # the plane kernels' module, built the same way as this one
+    _plane = interpreted_twin("common.ops._scan_triton_plane_interpreted",
+                              os.path.join(os.path.dirname(__file__), "scan_triton_plane.py"), __package__)
+else:
+    from . import scan_triton_plane as _plane
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 # Benchmarks and tests may force the launch configuration: "fwd" / "bwd": the tile kernels' (BLOCK_D,
-# BLOCK_L, num_warps); "time": the time-in-thread kernels' (BLOCK_L, LN, NW, cap); "path": "tile" to
-# use the tile kernels everywhere; "min_programs": the backward's occupancy target (default 5 per SM).
+# BLOCK_L, num_warps) (and the tile kernels where the plane kernels would apply); "time": the
+# time-in-thread kernels' (BLOCK_L, LN, NW, cap); "plane": the plane kernels' (chunk elements,
+# num_warps); "path": "tile" to use the tile kernels everywhere (the fused cross-scan too), "plane" to
+# use the plane kernels for plain scans with N <= 4 as well; "min_programs": the backward's occupancy
+# target (default 5 per SM).
 CONFIG_OVERRIDE: dict[str, object] = {}
 
 
@@ -1276,13 +1290,22 @@ class SelectiveScanTriton(torch.autograd.Function):
         height, width = spatial if spatial is not None else (1, length)
         geometry = (u_dim, height, width)
         strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
-        scfg = _step_config(dim, length, n_state, gdims, batch, b_fixed or c_fixed, spatial is not None, u.device)
+        pcfg = None
+        # the plane kernels: for the fused cross-scan where they apply (as plane_cross_scan_applies), for
+        # plain scans only when asked (CONFIG_OVERRIDE["path"] = "plane"; benchmarks/README.md says why)
+        path = CONFIG_OVERRIDE.get("path", "plane" if spatial is not None else None)
+        if not (rev_slot or b_fixed or c_fixed or "fwd" in CONFIG_OVERRIDE or "bwd" in CONFIG_OVERRIDE
+                or path != "plane"):
+            pcfg = _plane.plane_config(dim, u_dim, length, n_state, gdims, spatial, CONFIG_OVERRIDE.get("plane"))
+        scfg = None if pcfg is not None else _step_config(dim, length, n_state, gdims, batch, b_fixed or c_fixed,
+                                                          spatial is not None, u.device)
         if rev_slot and scfg is None:
             raise ValueError("SelectiveScanTriton: the bidirectional mode needs the step kernels (time-varying B "
                              f"and C, 8 <= N <= 32, slots of a multiple of 8 channels); got N = {n_state}, "
                              f"slot {rev_slot}")
-        tcfg = None if scfg is not None else _time_in_thread_config(dim, n_state, gdims, batch, b_fixed or c_fixed,
-                                                                     u.device)
+        tcfg = None
+        if scfg is None and pcfg is None:
+            tcfg = _time_in_thread_config(dim, n_state, gdims, batch, b_fixed or c_fixed, u.device)
         bn = triton.next_power_of_2(n_state)
         opts = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                     SOFTPLUS=bool(delta_softplus), SAVE_STATES=save, FP64=fp64, SPATIAL=spatial is not None)
@@ -1291,7 +1314,11 @@ class SelectiveScanTriton(torch.autograd.Function):
                     delta_bias if delta_bias is not None else dummy)
         out = torch.empty_like(delta, dtype=u.dtype)
         last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
-        if scfg is not None:
+        if pcfg is not None:  # whole sequences (maps) per program: nothing saved but the inputs
+            out, last = _plane.plane_fwd(u, delta, A, Bc, Cc, D, z, delta_bias, delta_softplus, return_last_state,
+                                         spatial, strides, pcfg, cdt)
+            bl, saved = length, ()
+        elif scfg is not None:
             bl, every = 4, scfg["save_every"]
             n_chunks = triton.cdiv(length, bl)
             n_saved = triton.cdiv(n_chunks, every)
@@ -1339,6 +1366,8 @@ class SelectiveScanTriton(torch.autograd.Function):
             ctx.fwd_chunk = bl
             ctx.tcfg = tcfg
             ctx.scfg = scfg
+            ctx.pcfg = pcfg
+            ctx.spatial_hw = spatial
             ctx.geometry = geometry
             ctx.spatial = spatial is not None
             ctx.rev_slot = rev_slot
@@ -1359,6 +1388,15 @@ class SelectiveScanTriton(torch.autograd.Function):
         Bc, b_fixed, sbb, sbg, sbn, dpg_b = _bc_layout(B, dim)
         Cc, c_fixed, scb, scg, scn, dpg_c = _bc_layout(C, dim)
         strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
+        if ctx.pcfg is not None:
+            dout = (torch.zeros((batch, u.shape[1] if ctx.spatial else dim, length), dtype=u.dtype, device=u.device)
+                    if dout is None else dout.contiguous())
+            du, ddelta, dA, dB, dC, dD, dz, dbias = _plane.plane_bwd(
+                u, delta, A, Bc, Cc, D, z, delta_bias, ctx.delta_softplus, dout,
+                dlast.contiguous() if dlast is not None else None, ctx.spatial_hw, strides, ctx.pcfg, cdt)
+            return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                    dD.to(D.dtype) if D is not None else None, dz,
+                    dbias.to(delta_bias.dtype) if delta_bias is not None else None, None, None, None, None)
         bl = ctx.fwd_chunk  # the backward walks the forward's chunks (their entering states are stored)
         n_chunks = triton.cdiv(length, bl)
         dout = torch.zeros_like(delta, dtype=u.dtype) if dout is None else dout.contiguous()
@@ -1544,7 +1582,9 @@ def cross_selective_scan_triton(
         return torch.zeros_like(x)
     out, _ = SelectiveScanTriton.apply(u, flat, A, B, C, D, None, delta_bias,
                                        delta_softplus, False, (h, w))
-    return out.view(b, 4, d, length).sum(1).view(b, d, h, w)
+    if out.shape[1] != d:  # the chunked kernels write each direction's output; the plane kernels sum them
+        out = out.view(b, 4, d, length).sum(1)
+    return out.view(b, d, h, w)
 
 
 def bidirectional_selective_scan_triton(
@@ -1589,3 +1629,10 @@ def bidirectional_step_available(d: int, n_state: int, device: torch.device) -> 
 
 
 _BIDIRECTIONAL_OK: dict = {}
+
+
+def plane_cross_scan_applies(d: int, height: int, width: int, n_state: int) -> bool:
+    """Whether the fused cross-scan of a ``(batch, d, height, width)`` map runs on the plane kernels."""
+    if "fwd" in CONFIG_OVERRIDE or "bwd" in CONFIG_OVERRIDE or CONFIG_OVERRIDE.get("path", "plane") != "plane":
+        return False
+    return _plane.plane_config(4 * d, d, height * width, n_state, d, (height, width)) is not None

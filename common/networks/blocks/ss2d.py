@@ -17,10 +17,14 @@ Data flow (``d_inner = ssm_ratio * d_model``, ``K = 4`` scan directions)::
       -> per-direction projections to (dt, B, C) -> selective scan -> cross_merge
       -> out_norm -> (* SiLU(z)) -> out_proj -> dropout
 
-With ``fused_scan=True`` and the ``triton`` scan backend the cross-scan is fused
-(:mod:`common.ops.cross_scan`): the projections run on the map itself and the kernels read it in
-the four orders, so the ``(B, 4, d_inner, L)`` copy and the merge's un-permuting copies are not
-made. Same numbers; slower on an H200 for now, so off by default.
+With the ``triton`` scan backend the cross-scan can be fused (:mod:`common.ops.cross_scan`): the
+projections run on the map itself and the kernels read it in the four orders, so the
+``(B, 4, d_inner, L)`` copy and the merge's un-permuting copies are not made. By default
+(``fused_scan=None``) that happens where no gradient is needed and the backend's plane kernels apply
+(``d_state`` <= 4: MSVM-UNet), which scan all four directions of a map in one program and sum them
+there (on an H100 10-25 % faster per SS2D forward than the written-out path; their backward is 2x
+slower, so training keeps the written-out path); ``fused_scan=True`` fuses in training too, and at
+other state sizes through the chunked kernels (slower: benchmarks/README.md).
 
 By default, where the ``triton`` backend's step kernels apply (``d_state`` 8-32: MSSMamba, Mamba-HUNet),
 the scan is bidirectional (:func:`common.ops.cross_scan.bidirectional_selective_scan`): the rows view
@@ -50,6 +54,7 @@ from ...ops.cross_scan import (
     cross_scan,
     cross_selective_scan,
     fused_cross_scan_available,
+    plane_cross_scan_available,
 )
 from ...ops.ss2d_io import conv_cross, fused_io_available, merge_norm, merge_norm_ref
 from .layers import LayerNorm2d, Linear2d, norm_before_linear, to_channels_first, to_channels_last
@@ -87,8 +92,10 @@ class SS2D(nn.Module):
         force_fp32: run the projections around the scan in float32 under autocast.
         scan_backend: selective-scan backend (``None``: automatic, see :mod:`common.ops`).
         fused_scan: read the map in the four scan orders inside the scan kernel, where the backend
-            has it (the ``triton`` one); off by default: on an H200 it is slower than the written-out
-            cross-scan (the column-major orders read memory W elements apart; benchmarks/README.md).
+            has it (the ``triton`` one). ``None`` (default): where no gradient is needed and the
+            backend's plane kernels apply (``d_state`` <= 4), which read each map once for all four
+            directions; ``True``: always, training included (slower there than the written-out path)
+            and through the chunked kernels at other state sizes; ``False``: never.
         bidirectional_scan: where the backend reads backward scans in place (the ``triton`` step
             kernels, ``d_state`` 8-32), scan the rows view and one column-major copy each forward and
             backward instead of making the four-direction copy (see the module docstring); False
@@ -119,7 +126,7 @@ class SS2D(nn.Module):
         initialize: str = "v0",
         force_fp32: bool = False,
         scan_backend: str | None = None,
-        fused_scan: bool = False,
+        fused_scan: bool | None = None,
         bidirectional_scan: bool = True,
         fused_io: bool = True,
     ) -> None:
@@ -209,7 +216,7 @@ class SS2D(nn.Module):
         """The four-direction selective scan of a ``(B, d_inner, H, W)`` map, same shape out."""
         if self.force_fp32:
             x = x.float()
-        if self.fused_scan and fused_cross_scan_available(self.scan_backend, x.device):
+        if self._takes_fused_scan(x):
             return self._ssm_fused(x)
         if self.bidirectional_scan and bidirectional_scan_available(self.scan_backend, x.device, self.d_inner,
                                                                     self.d_state):
@@ -231,6 +238,14 @@ class SS2D(nn.Module):
             backend=self.scan_backend,
         )
         return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w)
+
+    def _takes_fused_scan(self, x: torch.Tensor) -> bool:
+        if self.fused_scan is None:  # the plane kernels, for inference (their backward is the slower one)
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+                return False
+            return plane_cross_scan_available(self.scan_backend, x.device, self.d_inner, x.shape[-2], x.shape[-1],
+                                              self.d_state)
+        return self.fused_scan and fused_cross_scan_available(self.scan_backend, x.device)
 
     def _ssm_fused(self, x: torch.Tensor) -> torch.Tensor:
         # the projections are per position, so they run on the map itself, (K, c, D) @ (B, 1, D, L),
@@ -271,7 +286,8 @@ class SS2D(nn.Module):
 
     def _takes_fused_io(self, x: torch.Tensor) -> bool:
         """Whether this call takes the fused inference path (see the module docstring)."""
-        if (not self.fused_io or self.channel_first or self.force_fp32 or self.fused_scan or not self.bidirectional_scan
+        if (not self.fused_io or self.channel_first or self.force_fp32 or self.fused_scan
+                or not self.bidirectional_scan
                 or self.conv2d is None or not isinstance(self.out_norm, (nn.LayerNorm, nn.Identity))):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
