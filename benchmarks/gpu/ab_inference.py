@@ -61,6 +61,7 @@ def main(argv=None):
                          "6 programs per multiprocessor, segments of at least 32 chunks), ln_input_dtype (nn.LayerNorm "
                          "in the input's dtype under autocast instead of float32 in and out; changes the numbers), "
                          "four_copy (SS2D's four-direction copy around the scan, as before its bidirectional scan), "
+                         "unfused_scan (SS2D's written-out cross-scan where the plane kernels' fused one runs), "
                          "unfused_io (SS2D's conv / cross-scan copy and merge / norm / gate as separate ops, "
                          "and the norms before linear layers in float32 then cast), float32_norm_cast (only the "
                          "latter), channel_norm_all (every LayerNorm2d too through the channel-norm kernel, "
@@ -94,6 +95,10 @@ def main(argv=None):
             for mod in m.modules():
                 if hasattr(mod, "fused_io"):
                     mod.fused_io = False
+        if v == "unfused_scan":
+            for mod in m.modules():
+                if hasattr(mod, "fused_scan"):
+                    mod.fused_scan = False
         if v == "four_copy":
             for mod in m.modules():
                 if hasattr(mod, "bidirectional_scan"):

@@ -44,12 +44,15 @@ def _step_kind(optimizer: torch.optim.Optimizer) -> str:
 
 
 def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, default_step: bool = False,
-        channel_norm: str | None = None) -> dict:
+        channel_norm: str | None = None, scan_path: str | None = None) -> dict:
     from ignite.engine import Events
 
-    from common.ops import layer_norm
+    from common.ops import layer_norm, scan_triton
 
     layer_norm.SCOPE = channel_norm or DEFAULT_NORM_SCOPE  # "all": the A/B of --norms both
+    scan_triton.CONFIG_OVERRIDE.clear()
+    if scan_path:  # e.g. "tile": the chunked tile kernels where the plane kernels would run (before them)
+        scan_triton.CONFIG_OVERRIDE["path"] = scan_path
     from monai.bundle import ConfigParser
     from monai.engines import SupervisedTrainer
 
@@ -84,12 +87,16 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        scan_triton.CONFIG_OVERRIDE.clear()
     seconds = marks[iterations] - marks[skip]
     counts = getattr(trainer._process_function, "counts", None)
     return {
         "bundle": bundle, "precision": precision, "graphed": graphed,
-        "optimizer_step": _step_kind(optimizer), "channel_norm_scope": layer_norm.SCOPE, "batch": b, "image_size": size,
+        "optimizer_step": _step_kind(optimizer), "channel_norm_scope": layer_norm.SCOPE,
+        "scan_path": scan_path or "default", "batch": b, "image_size": size,
         "images_per_s": round((iterations - skip) * b / seconds, 1),
         "step_ms": round(seconds * 1000 / (iterations - skip), 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -112,6 +119,10 @@ def main(argv=None) -> int:
     ap.add_argument("--norms", choices=["default", "both"], default="default",
                     help="both: also run the graphed iteration with every norm through the channel-norm kernels "
                          "(common.ops.layer_norm scope 'all', training included)")
+    ap.add_argument("--scan-paths", nargs="+", default=[],
+                    help="also run the graphed iteration with the triton scan forced onto these kernel paths "
+                         "(scan_triton.CONFIG_OVERRIDE['path'], e.g. 'tile': the kernels before the plane kernels)")
+    ap.add_argument("--graphed-only", action="store_true", help="skip MONAI's eager iteration")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -120,11 +131,19 @@ def main(argv=None) -> int:
     for bundle in args.bundles:
         for precision in args.precisions:
             pair = {}
-            for graphed in (False, True):
+            for graphed in (True,) if args.graphed_only else (False, True):
                 row = run(bundle, graphed, precision, args.iterations, args.skip)
                 pair[graphed] = row
                 rows.append(row)
                 torch.cuda.empty_cache()
+            for path in args.scan_paths:
+                row = run(bundle, True, precision, args.iterations, args.skip, scan_path=path)
+                rows.append(row)
+                torch.cuda.empty_cache()
+                g = pair[True]
+                print(f"{bundle} {precision}: graphed, scan path {path!r} {row['images_per_s']} img/s "
+                      f"({row['peak_allocated_gib']} GiB allocated) vs the default's {g['images_per_s']} "
+                      f"({g['peak_allocated_gib']} GiB)", flush=True)
             if args.unfused_too:
                 for graphed in (False, True):
                     row = run(bundle, graphed, precision, args.iterations, args.skip, default_step=True)
@@ -141,13 +160,19 @@ def main(argv=None) -> int:
                       f"img/s ({row['peak_allocated_gib']} GiB allocated) vs the default's "
                       f"{pair[True]['images_per_s']} "
                       f"({pair[True]['peak_allocated_gib']} GiB)", flush=True)
-            diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(pair[True]["losses"], pair[False]["losses"]))
-            pair[True]["max_rel_loss_diff_vs_eager"] = diff
-            e, g = pair[False], pair[True]
-            print(f"{bundle} {precision} b{e['batch']}: eager {e['images_per_s']} img/s ({e['peak_reserved_gib']} GiB "
-                  f"reserved), graphed {g['images_per_s']} img/s ({g['peak_reserved_gib']} GiB), "
-                  f"x{g['images_per_s'] / e['images_per_s']:.2f}; losses within {diff:.2e} (relative); "
-                  f"{g['iteration_counts']}", flush=True)
+            g = pair[True]
+            if False in pair:
+                e = pair[False]
+                diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(g["losses"], e["losses"]))
+                g["max_rel_loss_diff_vs_eager"] = diff
+                print(f"{bundle} {precision} b{e['batch']}: eager {e['images_per_s']} img/s ({e['peak_reserved_gib']} "
+                      f"GiB reserved), graphed {g['images_per_s']} img/s ({g['peak_reserved_gib']} GiB), "
+                      f"x{g['images_per_s'] / e['images_per_s']:.2f}; losses within {diff:.2e} (relative); "
+                      f"{g['iteration_counts']}", flush=True)
+            else:
+                print(f"{bundle} {precision} b{g['batch']}: graphed {g['images_per_s']} img/s "
+                      f"({g['peak_allocated_gib']} GiB allocated, {g['peak_reserved_gib']} reserved); "
+                      f"{g['iteration_counts']}", flush=True)
             if args.out:  # after every pair, so a cut-off run keeps what it measured
                 meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                         "date": datetime.date.today().isoformat(), "iterations": args.iterations, "skip": args.skip}

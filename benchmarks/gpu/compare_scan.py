@@ -8,6 +8,9 @@
 - ``--segments``: the step kernels with the sequence split into time segments (automatic, and forced
   counts) against one segment, the tile kernels (N = 1) and mamba-ssm, at the issue's shapes and at
   batch 1 (one slice of inference: the channels alone give too few programs).
+- ``--plane``: at MSVM-UNet's N = 1 shapes, the plane kernels (whole sequences per program; the
+  default there) in several (BD, num_warps) launch configurations against their automatic choice, the
+  tile kernels (the default before them), mamba-ssm and the floor.
 - ``--sweep``: forward and forward + backward ms of the time-in-thread kernels for several
   (BLOCK_L, LN, NW, cap) launch configurations and of the tile kernels, at N = 16 SS2D shapes.
 - ``--compare``: at the issue's shapes (batch 16, 4 directions, softplus, D, delta_bias): the
@@ -15,9 +18,17 @@
   minimal bytes (forward reads u, delta, B, C and writes out; backward also reads dout and writes
   du, ddelta, dB, dC) / the device-to-device copy bandwidth measured in the same run; ratios.
 - ``--ss2d``: one SS2D scan (projections, cross-scan, scan, merge) forward + backward at the networks'
-  stage shapes: fused triton, unfused triton (PyTorch cross-scan / merge), unfused mamba-ssm.
+  stage shapes: triton as SS2D chooses by default (at N = 1: the plane kernels' fused cross-scan where
+  no gradient is needed, so in the forward timing; the written-out path with the tile kernels in
+  training), fused triton (N = 1: the plane kernels in training too; N = 16: the chunked kernels' fused
+  mode), unfused triton (PyTorch cross-scan / merge; at N = 1 with the tile kernels and with the plane
+  kernels' plain rows), unfused mamba-ssm. ``--ss2d-n`` picks the state counts; ``--ss2d-sweep`` adds
+  plane launch configurations at N = 1.
 
-Times are medians of CUDA-event timings (``triton.testing.do_bench``). Writes compare_scan.json.
+Times are medians of CUDA-event timings (``triton.testing.do_bench``); with ``--graphs`` of CUDA-graph
+replays, so that the CPU's launch and autograd costs (about 0.3-0.5 ms per forward + backward call,
+which made small shapes look alike) stay out. Gradients are returned, not accumulated. Writes
+compare_scan.json.
 """
 
 from __future__ import annotations
@@ -49,8 +60,11 @@ TIME_CONFIGS = [(2, 1, 1, 8), (4, 1, 1, 8), (8, 1, 1, 8), (4, 2, 1, 8), (8, 2, 1
                 (4, 2, 1, 1), (8, 8, 1, 8)]
 # SS2D stages (batch, d_inner, H, W, N): MSVM-UNet stage 1 and 3, Mamba-UNet / Mamba-HUNet stage 1, MSSMamba level 1
 OUT_DIR = ["/tmp"]
-SS2D_SHAPES = [(32, 96, 56, 56, 1), (32, 384, 14, 14, 1), (24, 192, 64, 64, 16), (16, 192, 56, 56, 16),
-               (10, 192, 112, 112, 16)]
+SS2D_SHAPES = [(32, 96, 56, 56, 1), (32, 192, 28, 28, 1), (32, 384, 14, 14, 1), (32, 768, 7, 7, 1),
+               (24, 192, 64, 64, 16), (16, 192, 56, 56, 16), (10, 192, 112, 112, 16)]
+# MSVM-UNet's scans (N = 1) at the issue's batch 16, and its stage 1 at its paper batch 32
+PLANE_SHAPES = [(16, 96, 3136, 1, torch.float32), (16, 96, 3136, 1, torch.bfloat16), (16, 192, 784, 1, torch.float32),
+                (16, 384, 196, 1, torch.float32), (16, 768, 49, 1, torch.float32), (32, 96, 3136, 1, torch.bfloat16)]
 
 
 def emit(rows, row):
@@ -87,19 +101,39 @@ def make(batch, d_inner, length, n, dtype, seed=0):
             rnd(batch, 4, n, length).to(dtype), rnd(dim), None, rnd(dim, scale=0.1)]
 
 
+GRAPHS = [False]  # --graphs: time replays of CUDA graphs (no CPU launch cost in the numbers)
+
+
+def _graphed(fn):
+    """A CUDA graph's replay of ``fn`` (after two warm-up calls on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def time_scan(backend, shape):
     batch, d_inner, length, n, dtype = shape
     ins = make(batch, d_inner, length, n, dtype)
     leaves = [t.detach().clone().requires_grad_(i != 6) if t is not None else None for i, t in enumerate(ins)]
+    wrt = [t for t in leaves if t is not None]
     gout = torch.randn(batch, 4 * d_inner, length, device="cuda", dtype=dtype)
 
     def fwd():
         with torch.no_grad():
             selective_scan(*leaves, True, backend=backend)
 
-    def fwd_bwd():
-        selective_scan(*leaves, True, backend=backend).backward(gout)
+    def fwd_bwd():  # the gradients returned, not accumulated into .grad
+        torch.autograd.grad(selective_scan(*leaves, True, backend=backend), wrt, gout)
 
+    if GRAPHS[0]:
+        return bench(_graphed(fwd)), bench(_graphed(fwd_bwd))
     return bench(fwd), bench(fwd_bwd)
 
 
@@ -208,6 +242,31 @@ def segments(rows, repeats):
         emit(rows, res)
 
 
+def plane_configs(auto):
+    """(chunk elements, num_warps) of the plane kernels: the shipped choice and its neighbours."""
+    return [(256, 4), (512, 4), (512, 8), (1024, 8), (1024, 16), (2048, 16)]
+
+
+def plane(rows, repeats):
+    bw = copy_bandwidth()
+    emit(rows, dict(kind="bandwidth", tb_s=round(bw / 1e12, 3)))
+    have_mamba = "mamba_ssm" in available_backends("cuda")
+    for shape in PLANE_SHAPES:
+        batch, d, length, n, _ = shape
+        auto = st._plane.plane_config(4 * d, 4 * d, length, n, d, None)
+        res = dict(kind="plane", shape=label(shape), auto=auto)
+        for cfg in plane_configs(auto):
+            timed = time_with(shape, {"plane": cfg}, repeats)
+            if timed is not None:
+                res[f"plane {cfg[0]},{cfg[1]}"] = [round(timed[0], 4), round(timed[1], 4)]
+        timed = time_with(shape, {"path": "tile"}, repeats)
+        res["tile"] = [round(timed[0], 4), round(timed[1], 4)] if timed else None
+        if have_mamba:
+            res["mamba_ssm"] = [round(t, 4) for t in time_scan("mamba_ssm", shape)]
+        res["floor"] = [round(t, 4) for t in floor_ms(shape, bw)]
+        emit(rows, res)
+
+
 def compare(rows, config):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -253,23 +312,41 @@ def time_ss2d(m, x, amp):
     return y.detach().float(), bench(fwd_only), t_fb, peak
 
 
-def ss2d(rows, config):
+def ss2d(rows, config, states=(1, 16), sweep_plane=False):
     from common.networks.blocks import SS2D
 
-    if config is not None:
-        st.CONFIG_OVERRIDE.update(time=tuple(config), path="time")  # a time-in-thread config: that path
-    variants = [("triton", False, "triton unfused"), ("triton", True, "triton fused")]
-    if "mamba_ssm" in available_backends("cuda"):
-        variants.append(("mamba_ssm", False, "mamba_ssm + torch cross-scan"))
+    base = dict(time=tuple(config), path="time") if config is not None else {}  # a time-in-thread config
+    have_mamba = "mamba_ssm" in available_backends("cuda")
     for batch, d_inner, h, w, n in SS2D_SHAPES:
+        if n not in states:
+            continue
+        # (backend, fused_scan, CONFIG_OVERRIDE, name)
+        variants = [("triton", None, base, "triton default")]
+        if n == 1:
+            variants += [("triton", True, {}, "triton fused, plane kernels (training too)"),
+                         ("triton", False, {"path": "plane"}, "triton unfused, plane rows"),
+                         ("triton", False, {}, "triton unfused, tile kernels")]
+            if sweep_plane and h * w >= 56 * 56:  # the largest stage, where most of the time goes
+                auto = st._plane.plane_config(4 * d_inner, d_inner, h * w, n, d_inner, (h, w))
+                variants += [("triton", None, {"plane": c}, f"triton plane {c[0]},{c[1]}") for c in plane_configs(auto)]
+        else:
+            variants += [("triton", True, base, "triton fused (chunked)"), ("triton", False, base, "triton unfused")]
+        if have_mamba:
+            variants.append(("mamba_ssm", False, {}, "mamba_ssm + torch cross-scan"))
         for dtype in (torch.float32, torch.bfloat16):
             res = dict(kind="ss2d", shape=f"b{batch} d{d_inner} {h}x{w} N{n}", dtype=str(dtype).split(".")[-1])
             ref = None
-            for backend, fused, name in variants:
+            for backend, fused, override, name in variants:
+                st.CONFIG_OVERRIDE.clear()
+                st.CONFIG_OVERRIDE.update(override)
                 torch.manual_seed(0)
                 m = SS2D(d_inner, d_state=n, ssm_ratio=1.0, scan_backend=backend, fused_scan=fused).cuda()
                 x = torch.randn(batch, d_inner, h, w, device="cuda", dtype=dtype, requires_grad=True)
-                y, t_f, t_fb, peak = time_ss2d(m, x, dtype == torch.bfloat16)
+                try:
+                    y, t_f, t_fb, peak = time_ss2d(m, x, dtype == torch.bfloat16)
+                except Exception as err:
+                    print("FAIL", res["shape"], name, type(err).__name__, str(err)[:300], flush=True)
+                    continue
                 diff = 0.0 if ref is None else ((y - ref).norm() / ref.norm()).item()
                 ref = y if ref is None else ref
                 res[name] = dict(fwd_ms=round(t_f, 4), fwd_bwd_ms=round(t_fb, 4), peak_extra_mib=round(peak, 1),
@@ -287,6 +364,11 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--ss2d", action="store_true")
+    ap.add_argument("--ss2d-n", type=int, nargs="+", default=[1, 16], help="--ss2d: the state counts to run")
+    ap.add_argument("--ss2d-sweep", action="store_true",
+                    help="--ss2d: plane launch configurations at N = 1 too (56 x 56 and larger)")
+    ap.add_argument("--plane", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="time the scans as CUDA-graph replays (kernels only)")
     ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap: --compare and --ss2d "
                                                  "then use those kernels (also after --sweep: its best)")
     ap.add_argument("--configs", default="", help="';'-separated configs for --sweep (default: TIME_CONFIGS)")
@@ -294,13 +376,17 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
     OUT_DIR[0] = args.out
+    GRAPHS[0] = args.graphs
     if args.step_config:
         st.STEP_CONFIG.update(json.loads(args.step_config))
     rows = [dict(kind="meta", device=torch.cuda.get_device_name(), torch=torch.__version__,
                  triton=__import__("triton").__version__, date=dt.date.today().isoformat(),
                  shipped_time_config={str(k): v for k, v in st.TIME_IN_THREAD_CONFIG.items()},
-                 shipped_step_config=dict(st.STEP_CONFIG))]
+                 shipped_step_config=dict(st.STEP_CONFIG), plane_config=dict(st._plane.PLANE_CONFIG),
+                 graphs=args.graphs)]
     config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    if args.plane:
+        plane(rows, args.repeats)
     if args.step:
         step_sweep(rows, args.repeats)
     if args.segments:
@@ -311,7 +397,7 @@ def main():
     if args.compare:
         compare(rows, config)
     if args.ss2d:
-        ss2d(rows, config)
+        ss2d(rows, config, tuple(args.ss2d_n), args.ss2d_sweep)
 
 
 if __name__ == "__main__":
