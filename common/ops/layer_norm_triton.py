@@ -48,12 +48,16 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, eps,
+def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, eps, tiles_p,
                    sxb, sxc, sxp, syb, syc, syp,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE: tl.constexpr,
                    BC: tl.constexpr, BP: tl.constexpr):
-    bi = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)[None, :]
+    # a 1-D grid over (B, tiles of P): B alone can exceed CUDA's 65535 programs of a second grid axis
+    # (a channels-last (24, 64, 64, C) map normalised over its last axis is B = 98304 rows of P = 1)
+    tile = tl.program_id(0)
+    bi = (tile // tiles_p).to(tl.int64)
+    tp = (tile % tiles_p).to(tl.int64)
+    p = tp * BP + tl.arange(0, BP)[None, :]
     c = tl.arange(0, BC)[:, None]
     m = (c < C) & (p < P)
     x = tl.load(x_ptr + bi * sxb + c * sxc + p * sxp, mask=m, other=0.0).to(tl.float32)
@@ -67,7 +71,7 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, P, eps,
         y = y + tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)
     tl.store(y_ptr + bi * syb + c * syc + p * syp, y.to(y_ptr.dtype.element_ty), mask=m)
     if SAVE:
-        ps = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+        ps = tp * BP + tl.arange(0, BP)
         tl.store(mean_ptr + bi * P + ps, mean, mask=ps < P)
         tl.store(rstd_ptr + bi * P + ps, rstd, mask=ps < P)
 
@@ -148,9 +152,10 @@ def layer_norm_fwd(x: torch.Tensor, xs: tuple[int, int, int, int, int, int], y: 
     if nb * nc * npos == 0:
         return mean, rstd
     bc, bp, nw = pick_tile(nc, x.device.type != "cuda")
-    _ln_fwd_kernel[(triton.cdiv(npos, bp), nb)](
+    tiles_p = triton.cdiv(npos, bp)
+    _ln_fwd_kernel[(nb * tiles_p,)](
         x, weight if weight is not None else x, bias if bias is not None else x, y,
-        mean if save else x, rstd if save else x, nc, npos, float(eps), *xs[3:], *ys,
+        mean if save else x, rstd if save else x, nc, npos, float(eps), tiles_p, *xs[3:], *ys,
         HAS_W=weight is not None, HAS_B=bias is not None, SAVE=save, BC=bc, BP=bp, num_warps=nw,
     )
     return mean, rstd
