@@ -26,23 +26,29 @@ SHAPES = {  # (d_inner, H, W, N, calls per slice) of one slice's SS2D scans
 }
 
 
-def graphed_ms(fn, reps=50):
+def graph_replay(fn, warmup=3):
+    """The replay of a CUDA graph of ``fn``, captured after ``warmup`` calls on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return g.replay
+
+
+def graphed_ms(fn, reps=50):
+    replay = graph_replay(fn)
     for _ in range(5):
-        g.replay()
+        replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
     for _ in range(reps):
-        g.replay()
+        replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps

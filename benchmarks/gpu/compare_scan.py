@@ -42,6 +42,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bench_batch1_scan import graph_replay  # noqa: E402  (this folder: the script's own)
+
 from common.ops import available_backends, selective_scan  # noqa: E402
 from common.ops import scan_triton as st  # noqa: E402
 
@@ -104,20 +106,6 @@ def make(batch, d_inner, length, n, dtype, seed=0):
 GRAPHS = [False]  # --graphs: time replays of CUDA graphs (no CPU launch cost in the numbers)
 
 
-def _graphed(fn):
-    """A CUDA graph's replay of ``fn`` (after two warm-up calls on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def time_scan(backend, shape):
     batch, d_inner, length, n, dtype = shape
     ins = make(batch, d_inner, length, n, dtype)
@@ -133,7 +121,7 @@ def time_scan(backend, shape):
         torch.autograd.grad(selective_scan(*leaves, True, backend=backend), wrt, gout)
 
     if GRAPHS[0]:
-        return bench(_graphed(fwd)), bench(_graphed(fwd_bwd))
+        return bench(graph_replay(fwd)), bench(graph_replay(fwd_bwd))
     return bench(fwd), bench(fwd_bwd)
 
 

@@ -151,6 +151,14 @@ def _program_rows(batch, gsize, rows, BD: tl.constexpr):
 
 
 @triton.jit
+def _program_channels(batch, gsize, dim, u_dim, L, PLANE: tl.constexpr, BD: tl.constexpr):
+    # (first channel, batch element, the BD channels' offsets, the rows of u) of this program
+    d0, pid_b = _program_rows(batch, gsize, (u_dim if PLANE else dim), BD)
+    od = tl.arange(0, BD)[:, None, None]
+    return d0, pid_b, od, (pid_b * u_dim + d0 + od).to(tl.int64) * L
+
+
+@triton.jit
 def _pick(x, ih, iw, r, c):
     # x at tile row r, column c (kept as size-1 axes)
     return _sum_keep(_sum_keep(tl.where((ih == r) & (iw == c), x, 0.0), 2), 1)
@@ -243,9 +251,7 @@ def _plane_fwd_kernel(
 ):
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     K: tl.constexpr = 4 if PLANE else 1
-    d0, pid_b = _program_rows(batch, gsize, (u_dim if PLANE else dim), BD)
-    od = tl.arange(0, BD)[:, None, None]
-    urow = (pid_b * u_dim + d0 + od).to(tl.int64) * L
+    d0, pid_b, od, urow = _program_channels(batch, gsize, dim, u_dim, L, PLANE, BD)
     for k in tl.static_range(K):
         # direction k: row-major when even (plain rows: the row laid out row-major), backward from k = 2
         ch = k * u_dim + d0 + od  # (BD, 1, 1) channel rows of this direction
@@ -394,9 +400,7 @@ def _plane_bwd_kernel(
 ):
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
     K: tl.constexpr = 4 if PLANE else 1
-    d0, pid_b = _program_rows(batch, gsize, (u_dim if PLANE else dim), BD)
-    od = tl.arange(0, BD)[:, None, None]
-    urow = (pid_b * u_dim + d0 + od).to(tl.int64) * L
+    d0, pid_b, od, urow = _program_channels(batch, gsize, dim, u_dim, L, PLANE, BD)
     for k in tl.static_range(K):
         ch = k * u_dim + d0 + od
         row = (pid_b * dim + ch).to(tl.int64) * L
