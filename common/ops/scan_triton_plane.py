@@ -27,9 +27,9 @@ different rows.
 Padding (outside the ``H x W`` map, or ``t >= L``) is the identity step ``a = 1, b = 0``, which carries the
 state through unchanged, forward and backward.
 
-Measured on an H100 (benchmarks/README.md): in MSVM-UNet inference the fused cross-scan makes one graphed
-slice 17-19 % faster (fp32 3.41 -> 2.85-2.96 ms, bf16 3.61 -> 2.91-2.95). Its backward is about 2x slower
-than the written-out path, so SS2D trains with that path.
+Measured on an H100 (benchmarks/README.md): with the fused cross-scan one graphed MSVM-UNet slice takes
+13-20 % less time (fp32 3.41 -> 2.85-2.96 ms, bf16 3.61 -> 2.91-2.95). Its backward is about 2x slower than
+the written-out path, so SS2D trains with that path.
 """
 
 from __future__ import annotations

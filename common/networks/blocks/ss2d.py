@@ -22,9 +22,9 @@ projections run on the map itself and the kernels read it in the four orders, so
 ``(B, 4, d_inner, L)`` copy and the merge's un-permuting copies are not made. By default
 (``fused_scan=None``) that happens where no gradient is needed and the backend's plane kernels apply
 (``d_state`` <= 4: MSVM-UNet), which scan all four directions of a map in one program and sum them
-there (on an H100 10-25 % faster per SS2D forward than the written-out path; their backward is 2x
-slower, so training keeps the written-out path); ``fused_scan=True`` fuses in training too, and at
-other state sizes through the chunked kernels (slower: benchmarks/README.md).
+there (on an H100 one graphed MSVM-UNet slice takes 13-20 % less time than with the written-out path;
+their backward is about 2x slower, so training keeps the written-out path); ``fused_scan=True`` fuses
+in training too, and at other state sizes through the chunked kernels (slower: benchmarks/README.md).
 
 By default, where the ``triton`` backend's step kernels apply (``d_state`` 8-32: MSSMamba, Mamba-HUNet),
 the scan is bidirectional (:func:`common.ops.cross_scan.bidirectional_selective_scan`): the rows view
