@@ -1291,11 +1291,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         geometry = (u_dim, height, width)
         strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
         pcfg = None
-        # the plane kernels: for the fused cross-scan where they apply (as plane_cross_scan_applies), for
-        # plain scans only when asked (CONFIG_OVERRIDE["path"] = "plane"; benchmarks/README.md says why)
-        path = CONFIG_OVERRIDE.get("path", "plane" if spatial is not None else None)
-        if not (rev_slot or b_fixed or c_fixed or "fwd" in CONFIG_OVERRIDE or "bwd" in CONFIG_OVERRIDE
-                or path != "plane"):
+        if not (rev_slot or b_fixed or c_fixed) and _plane_path_allowed(spatial is not None):
             pcfg = _plane.plane_config(dim, u_dim, length, n_state, gdims, spatial, CONFIG_OVERRIDE.get("plane"))
         scfg = None if pcfg is not None else _step_config(dim, length, n_state, gdims, batch, b_fixed or c_fixed,
                                                           spatial is not None, u.device)
@@ -1312,9 +1308,10 @@ class SelectiveScanTriton(torch.autograd.Function):
         dummy = u
         optional = (D if D is not None else dummy, z if z is not None else dummy,
                     delta_bias if delta_bias is not None else dummy)
-        out = torch.empty_like(delta, dtype=u.dtype)
-        last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
-        if pcfg is not None:  # whole sequences (maps) per program: nothing saved but the inputs
+        if pcfg is None:  # the plane kernels allocate their own (a summed output in the fused mode)
+            out = torch.empty_like(delta, dtype=u.dtype)
+            last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
+        if pcfg is not None:  # nothing saved but the inputs: the backward recomputes the forward
             out, last = _plane.plane_fwd(u, delta, A, Bc, Cc, D, z, delta_bias, delta_softplus, return_last_state,
                                          spatial, strides, pcfg, cdt)
             bl, saved = length, ()
@@ -1367,7 +1364,6 @@ class SelectiveScanTriton(torch.autograd.Function):
             ctx.tcfg = tcfg
             ctx.scfg = scfg
             ctx.pcfg = pcfg
-            ctx.spatial_hw = spatial
             ctx.geometry = geometry
             ctx.spatial = spatial is not None
             ctx.rev_slot = rev_slot
@@ -1393,7 +1389,8 @@ class SelectiveScanTriton(torch.autograd.Function):
                     if dout is None else dout.contiguous())
             du, ddelta, dA, dB, dC, dD, dz, dbias = _plane.plane_bwd(
                 u, delta, A, Bc, Cc, D, z, delta_bias, ctx.delta_softplus, dout,
-                dlast.contiguous() if dlast is not None else None, ctx.spatial_hw, strides, ctx.pcfg, cdt)
+                dlast.contiguous() if dlast is not None else None, ctx.geometry[1:] if ctx.spatial else None,
+                strides, ctx.pcfg, cdt)
             return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                     dD.to(D.dtype) if D is not None else None, dz,
                     dbias.to(delta_bias.dtype) if delta_bias is not None else None, None, None, None, None)
@@ -1631,8 +1628,16 @@ def bidirectional_step_available(d: int, n_state: int, device: torch.device) -> 
 _BIDIRECTIONAL_OK: dict = {}
 
 
+def _plane_path_allowed(spatial: bool) -> bool:
+    """Whether ``CONFIG_OVERRIDE`` lets the plane kernels run: by default for the fused cross-scan, for plain
+    scans only when asked (``"path": "plane"``; benchmarks/README.md says why); never with forced tile
+    configurations."""
+    if "fwd" in CONFIG_OVERRIDE or "bwd" in CONFIG_OVERRIDE:
+        return False
+    return CONFIG_OVERRIDE.get("path", "plane" if spatial else None) == "plane"
+
+
 def plane_cross_scan_applies(d: int, height: int, width: int, n_state: int) -> bool:
     """Whether the fused cross-scan of a ``(batch, d, height, width)`` map runs on the plane kernels."""
-    if "fwd" in CONFIG_OVERRIDE or "bwd" in CONFIG_OVERRIDE or CONFIG_OVERRIDE.get("path", "plane") != "plane":
-        return False
-    return _plane.plane_config(4 * d, d, height * width, n_state, d, (height, width)) is not None
+    return _plane_path_allowed(True) and _plane.plane_config(4 * d, d, height * width, n_state, d,
+                                                             (height, width)) is not None

@@ -239,9 +239,12 @@ class SS2D(nn.Module):
         )
         return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w)
 
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def _takes_fused_scan(self, x: torch.Tensor) -> bool:
         if self.fused_scan is None:  # the plane kernels, for inference (their backward is the slower one)
-            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            if self._needs_grad(x):
                 return False
             return plane_cross_scan_available(self.scan_backend, x.device, self.d_inner, x.shape[-2], x.shape[-1],
                                               self.d_state)
@@ -290,7 +293,7 @@ class SS2D(nn.Module):
                 or not self.bidirectional_scan
                 or self.conv2d is None or not isinstance(self.out_norm, (nn.LayerNorm, nn.Identity))):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if self._needs_grad(x):
             return False
         return fused_io_available(x.device) and bidirectional_scan_available(self.scan_backend, x.device,
                                                                               self.d_inner, self.d_state)
