@@ -22,6 +22,7 @@ from bench_network import NETWORKS, build  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("selective scan", ("_fwd_kernel", "_bwd_kernel", "selective_scan", "scan_")),
+    ("compiled (Inductor)", ("triton_poi", "triton_per", "triton_red", "triton_tem")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("matmul", ("gemm", "sm90_xmma", "cutlass", "matmul", "sgemm", "nvjet", "xmma_gemm", "splitk")),
     ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop")),
@@ -55,6 +56,8 @@ def main(argv=None):
                     "(CUDAGraphInference, weights cast once under autocast): the kernels a deployed slice runs")
     ap.add_argument("--ops", type=int, default=0, help="also list the N aten ops with the most device time "
                     "(which op launched the copies), with their input shapes")
+    ap.add_argument("--compile-blocks", action="store_true",
+                    help="torch.compile the VSS blocks' training forward (common.networks.compile_blocks)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.graphed and not args.inference:
@@ -66,6 +69,10 @@ def main(argv=None):
     model = build(args.network, args.backend, size).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    if args.compile_blocks:
+        from common.networks import compile_blocks
+
+        compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     x = torch.randn(batch, in_ch, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, classes, (batch, size, size), device=device)
@@ -131,7 +138,8 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(network=args.network, mode=what, backend=args.backend, precision=args.precision, batch=batch,
-                           channels_last=args.channels_last, kernel_ms_per_step=round(total, 2),
+                           channels_last=args.channels_last, compile_blocks=args.compile_blocks,
+                           kernel_ms_per_step=round(total, 2),
                            categories={k: round(v, 2) for k, v in cats.items()},
                            top=[dict(name=n, ms=round(ms, 3), calls=c) for n, (ms, c) in top],
                            ops=[dict(op=k, ms=round(ms, 3), calls=c, shapes=sh) for ms, c, k, sh in ops[: args.ops]]),

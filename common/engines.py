@@ -200,12 +200,14 @@ class CUDAGraphTrainIteration:
             return "the trainer compiles the network (compile=True)"
         return None
 
-    def _autocast(self, engine: Any, capturing: bool) -> contextlib.AbstractContextManager:
+    def _autocast(self, engine: Any) -> contextlib.AbstractContextManager:
         if not engine.amp:
             return contextlib.nullcontext()
         kwargs = dict(getattr(engine, "amp_kwargs", None) or {})
-        if capturing:
-            kwargs["cache_enabled"] = False  # autocast's weight cache must be off while capturing
+        # autocast's weight cache must be off while capturing; the eager iterations turn it off too, so
+        # that torch.compile-d parts of the network (common.networks.compile_blocks), which guard on
+        # that flag, compile in the warm-up what the capture records instead of compiling inside it
+        kwargs["cache_enabled"] = False
         return torch.autocast("cuda", **kwargs)
 
     @staticmethod
@@ -241,10 +243,10 @@ class CUDAGraphTrainIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         syncs: list[str] = []  # the handlers of the events below run outside a graph too: not watched
-        with _sync_watch(syncs), self._autocast(engine, capturing=False):
+        with _sync_watch(syncs), self._autocast(engine):
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        with _sync_watch(syncs), self._autocast(engine, capturing=False):
+        with _sync_watch(syncs), self._autocast(engine):
             engine.state.output[Keys.LOSS] = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = engine.state.output[Keys.LOSS]
@@ -300,7 +302,7 @@ class CUDAGraphTrainIteration:
         side = self._side_stream(inputs.device)
         with torch.cuda.stream(side):
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                with self._autocast(engine, capturing=True):
+                with self._autocast(engine):
                     pred = engine.inferer(static_in, engine.network)
                     loss = engine.loss_function(pred, static_target).mean()
                 (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -44,7 +44,7 @@ def _step_kind(optimizer: torch.optim.Optimizer) -> str:
 
 
 def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, default_step: bool = False,
-        channel_norm: str | None = None, scan_path: str | None = None) -> dict:
+        channel_norm: str | None = None, scan_path: str | None = None, compile_mode: str | None = None) -> dict:
     from ignite.engine import Events
 
     from common.ops import layer_norm, scan_triton
@@ -60,10 +60,15 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
         cfg = json.load(f)
     parser = ConfigParser(copy.deepcopy(cfg))
     parser["bundle_root"] = os.path.join(REPO, bundle)
+    parser["compile_blocks"] = False  # compiled only where a row asks (compile_mode)
     if default_step:  # PyTorch's default optimizer step (foreach on CUDA) instead of the config's fused one;
         parser["optimizer"].pop("fused", None)  # not fused=False, which also turns foreach off (a for-loop step)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network")
+    if compile_mode:  # regional torch.compile of the VSS blocks' training forward
+        from common.networks import compile_blocks
+
+        compile_blocks(network, mode=compile_mode)
     loss = parser.get_parsed_content("loss")
     optimizer = parser.get_parsed_content("optimizer")
     b, size = parser["batch_size"], parser["image_size"]
@@ -81,12 +86,13 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _mark(engine):
         losses.append(engine.state.output["loss"].detach())
-        if engine.state.iteration in (skip, iterations):
+        if engine.state.iteration in (1, skip, iterations):
             torch.cuda.synchronize()
             marks[engine.state.iteration] = time.perf_counter()
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
     try:
         trainer.run()
     finally:
@@ -96,7 +102,8 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
     return {
         "bundle": bundle, "precision": precision, "graphed": graphed,
         "optimizer_step": _step_kind(optimizer), "channel_norm_scope": layer_norm.SCOPE,
-        "scan_path": scan_path or "default", "batch": b, "image_size": size,
+        "scan_path": scan_path or "default", "compile_blocks": compile_mode, "batch": b,
+        "first_iteration_s": round(marks[1] - start, 1), "image_size": size,
         "images_per_s": round((iterations - skip) * b / seconds, 1),
         "step_ms": round(seconds * 1000 / (iterations - skip), 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -123,6 +130,9 @@ def main(argv=None) -> int:
                     help="also run the graphed iteration with the triton scan forced onto these kernel paths "
                          "(scan_triton.CONFIG_OVERRIDE['path'], e.g. 'tile': the kernels before the plane kernels)")
     ap.add_argument("--graphed-only", action="store_true", help="skip MONAI's eager iteration")
+    ap.add_argument("--compile-blocks", nargs="+", default=[], choices=["default", "max-autotune-no-cudagraphs"],
+                    help="also run the graphed iteration with the VSS blocks' training forward compiled in this "
+                         "torch.compile mode (common.networks.compile_blocks)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -144,6 +154,15 @@ def main(argv=None) -> int:
                 print(f"{bundle} {precision}: graphed, scan path {path!r} {row['images_per_s']} img/s "
                       f"({row['peak_allocated_gib']} GiB allocated) vs the default's {g['images_per_s']} "
                       f"({g['peak_allocated_gib']} GiB)", flush=True)
+            for mode in args.compile_blocks:
+                row = run(bundle, True, precision, args.iterations, args.skip, compile_mode=mode)
+                rows.append(row)
+                torch.cuda.empty_cache()
+                g = pair[True]
+                diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(g["losses"], row["losses"]))
+                print(f"{bundle} {precision}: graphed, VSS blocks compiled ({mode}) {row['images_per_s']} img/s "
+                      f"({row['peak_allocated_gib']} GiB allocated; first iteration {row['first_iteration_s']} s) vs "
+                      f"{g['images_per_s']} ({g['peak_allocated_gib']} GiB); losses within {diff:.2e}", flush=True)
             if args.unfused_too:
                 for graphed in (False, True):
                     row = run(bundle, graphed, precision, args.iterations, args.skip, default_step=True)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Mlp
+from .blocks import DropPath, Mlp
 from .checkpoint import load_mapped, read_state_dict, tensors_of
 from .resnet import resnet50_trunk
 from .vssm import VSSLayer, init_vmamba_v0_weights, remap_vmamba_v0_keys
@@ -308,8 +308,6 @@ class ViTBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
-        from monai.networks.layers import DropPath
-
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)

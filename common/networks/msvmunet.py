@@ -32,6 +32,7 @@ from torch import nn
 from .blocks import LayerNorm2d, Linear2d, Mlp, VSSBlock
 from .blocks.layers import norm_before_linear
 from .checkpoint import load_mapped, read_state_dict, tensors_of
+from .compile import CompilableSequential, maybe_compiled
 from .vssm import init_vmamba_v0_weights
 
 __all__ = [
@@ -137,7 +138,13 @@ class LKPE(nn.Module):
         )
         self.norm = LayerNorm2d(self.out_dim)
 
+    compile_mode: str | None = None  # common.networks.compile_blocks: its training forward compiled
+    compile_backend = "inductor"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_compiled(self, type(self)._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.expand_shuffle(x))
 
     def expand_shuffle(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +159,7 @@ class FLKPE(LKPE):
         super().__init__(dim, scale=scale, out_dim=dim)
         self.out = nn.Conv2d(dim, num_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(norm_before_linear(self.norm, self.expand_shuffle(x)))  # out reads it in its autocast dtype
 
 
@@ -190,11 +197,11 @@ class VMambaEncoder(nn.Module):
         self.dims = tuple(dims)
         stem = dims[0] // 2
         # Identity placeholders keep the original's Sequential indices (and so its checkpoint keys)
-        self.layer0 = nn.Sequential(
+        self.layer0 = CompilableSequential(
             nn.Conv2d(in_channels, stem, 3, stride=2, padding=1), nn.Identity(), LayerNorm2d(stem), nn.Identity(),
             nn.GELU(),
         )
-        self.layer1 = nn.Sequential(
+        self.layer1 = CompilableSequential(
             nn.Conv2d(stem, dims[0], 3, stride=2, padding=1), nn.Identity(), LayerNorm2d(dims[0])
         )
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -205,7 +212,7 @@ class VMambaEncoder(nn.Module):
         for i, dim in enumerate(dims):
             self.layers.append(_vss_stage(dim, dpr[sum(depths[:i]) : sum(depths[: i + 1])], **vss))
             if i < len(dims) - 1:
-                self.downsamples.append(nn.Sequential(
+                self.downsamples.append(CompilableSequential(
                     nn.Identity(), nn.Conv2d(dim, dims[i + 1], 3, stride=2, padding=1), nn.Identity(),
                     LayerNorm2d(dims[i + 1]),
                 ))

@@ -2,6 +2,7 @@
 
 from ...ops.cross_scan import cross_merge, cross_scan
 from .layers import (
+    DropPath,
     LayerNorm2d,
     Linear2d,
     Mlp,
@@ -19,6 +20,7 @@ __all__ = [
     "VSSBlock",
     "cross_scan",
     "cross_merge",
+    "DropPath",
     "LayerNorm2d",
     "Linear2d",
     "Mlp",

@@ -12,12 +12,14 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import DropPath as _MonaiDropPath
 from torch import nn
 
 from ...ops.layer_norm import channel_norm_available, layer_norm_channels, norm_scope
 from ...ops.ss2d_io import fused_io_available, layer_norm_cast
 
 __all__ = [
+    "DropPath",
     "InputDtypeLayerNorm",
     "layer_norms_in_input_dtype",
     "fuse_conv_bn_for_inference",
@@ -43,6 +45,42 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 def to_channels_first(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) -> (B, C, H, W)."""
     return x.permute(0, 3, 1, 2)
+
+
+class DropPath(_MonaiDropPath):
+    """MONAI's stochastic depth (same arguments, same distribution), written so that ``torch.compile``
+    does not specialise on the probability.
+
+    The keep probability is a (non-persistent) buffer and the per-sample mask ``rand < keep_prob``:
+    under ``torch.compile`` a probability held as a Python float (or given to ``bernoulli_``) is baked
+    into the graph, so every block of a network (stochastic depth rises linearly through them) would
+    compile its own graph; as a tensor it is a graph input, and blocks of the same shape share one
+    (:func:`common.networks.compile_blocks`). Setting ``drop_prob`` updates the buffer.
+    """
+
+    @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self._drop_prob = float(value)
+        # flags, not the value, are what compiled graphs guard on
+        self.active, self.all_dropped = self._drop_prob > 0.0, self._drop_prob >= 1.0
+        keep = torch.tensor(1.0 - self._drop_prob)
+        if "keep_prob" in self._buffers:
+            self.keep_prob.fill_(keep.item())
+        else:
+            self.register_buffer("keep_prob", keep, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.active and self.training):
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = (torch.rand(shape, device=x.device) < self.keep_prob).to(x.dtype)
+        if self.scale_by_keep and not self.all_dropped:
+            mask = mask / self.keep_prob.to(x.dtype)
+        return x * mask
 
 
 class InputDtypeLayerNorm(nn.LayerNorm):

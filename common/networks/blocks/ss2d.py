@@ -63,6 +63,25 @@ __all__ = ["SS2D", "cross_scan", "cross_merge"]  # the cross-scan pair lives in 
 
 K_DIRECTIONS = 4
 
+# the scans run their own kernels, dispatched in Python: torch.compile calls them as they are (a graph
+# break); the wrappers look the functions up when called, so they can be replaced (complexity.py's counter)
+_NOT_TRACED = "the selective scan runs its own kernels, dispatched in Python (common.ops)"
+
+
+@torch.compiler.disable(reason=_NOT_TRACED)
+def _selective_scan(*args, **kwargs):
+    return selective_scan(*args, **kwargs)
+
+
+@torch.compiler.disable(reason=_NOT_TRACED)
+def _cross_selective_scan(*args, **kwargs):
+    return cross_selective_scan(*args, **kwargs)
+
+
+@torch.compiler.disable(reason=_NOT_TRACED)
+def _bidirectional_selective_scan(*args, **kwargs):
+    return bidirectional_selective_scan(*args, **kwargs)
+
 
 def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
     """Bias such that softplus(bias) is log-uniform in [dt_min, dt_max] (Mamba's dt init)."""
@@ -213,20 +232,24 @@ class SS2D(nn.Module):
         return (-torch.exp(self.A_logs.float()), self.Ds.float(), self.dt_projs_bias.reshape(-1).float())
 
     def ssm(self, x: torch.Tensor) -> torch.Tensor:
-        """The four-direction selective scan of a ``(B, d_inner, H, W)`` map, same shape out."""
+        """The four-direction selective scan of a ``(B, d_inner, H, W)`` map, same shape out.
+
+        Under ``torch.compile`` (:func:`common.networks.compile_blocks`) the copies, projections and
+        merge around the scan are traced; the choice of path and the scan kernels are not (graph
+        breaks: they are dispatched in Python, :mod:`common.ops`)."""
         if self.force_fp32:
             x = x.float()
-        if self._takes_fused_scan(x):
+        path = self._scan_path(x)
+        if path == "fused":
             return self._ssm_fused(x)
-        if self.bidirectional_scan and bidirectional_scan_available(self.scan_backend, x.device, self.d_inner,
-                                                                    self.d_state):
+        if path == "bidirectional":
             return self._ssm_bidirectional(x)
         b, d, h, w = x.shape
         length = h * w
         xs = cross_scan(x)  # (B, K, D, L)
         dts, bs, cs = self._project(xs)
         A, D, bias = self._ssm_inputs()
-        ys = selective_scan(
+        ys = _selective_scan(
             xs.reshape(b, -1, length),
             dts.reshape(b, -1, length),
             A,
@@ -238,6 +261,17 @@ class SS2D(nn.Module):
             backend=self.scan_backend,
         )
         return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w)
+
+    @torch.compiler.disable(reason=_NOT_TRACED)
+    def _scan_path(self, x: torch.Tensor) -> str:
+        """``"fused"`` (the map read in the four orders by the kernel), ``"bidirectional"`` or ``"cross"``
+        (the written-out four-direction copy) for this call (see the class docstring)."""
+        if self._takes_fused_scan(x):
+            return "fused"
+        if self.bidirectional_scan and bidirectional_scan_available(self.scan_backend, x.device, self.d_inner,
+                                                                    self.d_state):
+            return "bidirectional"
+        return "cross"
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -255,7 +289,7 @@ class SS2D(nn.Module):
         # giving every direction's dt, B, C at the map's positions; the kernel reads them in scan order
         dts, bs, cs = self._project(x.flatten(2).unsqueeze(1))
         A, D, bias = self._ssm_inputs()
-        return cross_selective_scan(x, dts, A, bs.contiguous(), cs.contiguous(), D, bias, delta_softplus=True,
+        return _cross_selective_scan(x, dts, A, bs.contiguous(), cs.contiguous(), D, bias, delta_softplus=True,
                                     backend=self.scan_backend)
 
     def _ssm_bidirectional(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,7 +318,7 @@ class SS2D(nn.Module):
         A, D, bias = self._ssm_inputs()
         A = slots(A.view(k, d, n)).reshape(k * d, n)
         D, bias = slots(D.view(k, d)).reshape(-1), slots(bias.view(k, d)).reshape(-1)
-        return bidirectional_selective_scan(seqs, dts, A, bs, cs, D, bias, delta_softplus=True,
+        return _bidirectional_selective_scan(seqs, dts, A, bs, cs, D, bias, delta_softplus=True,
                                             backend=self.scan_backend)
 
     def _takes_fused_io(self, x: torch.Tensor) -> bool:

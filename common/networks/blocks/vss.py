@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint as checkpoint
-from monai.networks.layers import DropPath
 from torch import nn
 
-from .layers import LayerNorm2d, Mlp, norm_before_linear
+from ..compile import maybe_compiled
+from .layers import DropPath, LayerNorm2d, Mlp, norm_before_linear
 from .ss2d import SS2D
 
 __all__ = ["VSSBlock"]
@@ -39,6 +39,9 @@ class VSSBlock(nn.Module):
         use_checkpoint: gradient checkpointing of the whole block (saves memory when training).
         scan_backend: selective-scan backend for the SS2D (``None``: automatic).
     """
+
+    compile_mode: str | None = None  # common.networks.compile_blocks: its training forward compiled
+    compile_backend = "inductor"
 
     def __init__(
         self,
@@ -106,4 +109,4 @@ class VSSBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return maybe_compiled(self, VSSBlock._forward, x)  # compiled after common.networks.compile_blocks
