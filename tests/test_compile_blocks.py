@@ -130,3 +130,24 @@ def test_inductor_vss_block_matches_eager():
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(block.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_failing_compiler_falls_back_to_eager(caplog):
+    """A backend that cannot compile (no toolchain, unsupported GPU) leaves training eager, with a warning."""
+    from common.networks import compile as compile_module
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler found")
+
+    torch.manual_seed(0)
+    block = VSSBlock(8, channel_first=True, ssm_d_state=1, ssm_ratio=1.0, mlp_ratio=2.0, scan_backend="torch").train()
+    ref = copy.deepcopy(block)
+    compile_blocks(block, backend=broken)
+    x = torch.randn(2, 8, 4, 4)
+    try:
+        with caplog.at_level("WARNING", logger="common.networks.compile"):
+            torch.testing.assert_close(block(x), ref(x))
+            torch.testing.assert_close(block(x), ref(x))
+        assert sum("no C compiler found" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        compile_module._FAILED.clear()

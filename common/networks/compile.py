@@ -42,6 +42,8 @@ RECOMPILE_LIMIT = 64
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
+_FAILED: dict[tuple, str] = {}  # (function, mode, backend) whose compilation failed -> why (runs eagerly)
+
 
 @functools.cache
 def compiled_function(fn, mode: str = "default", backend="inductor"):
@@ -56,10 +58,22 @@ def compiled_function(fn, mode: str = "default", backend="inductor"):
 
 def maybe_compiled(module: nn.Module, fn, *args):
     """``fn(module, *args)``: compiled (:func:`compiled_function`) where :func:`compile_blocks` set
-    ``module.compile_mode`` and the call trains (``module.training``, gradients enabled), else eager."""
+    ``module.compile_mode`` and the call trains (``module.training``, gradients enabled), else eager.
+
+    Where the compiler backend fails (``BackendCompilerFailed``: for example no C compiler, or a GPU
+    Triton cannot generate code for), the call and every later one of ``fn`` run eagerly, with one
+    warning: training goes on at eager speed. Graphs of ``fn`` that ran before the failing one, in
+    that first call, run again eagerly (a batch norm's running statistics move twice once)."""
     mode = module.compile_mode
     if mode is not None and module.training and torch.is_grad_enabled():
-        return compiled_function(fn, mode, module.compile_backend)(module, *args)
+        key = (fn, mode, module.compile_backend)
+        if key not in _FAILED:
+            try:
+                return compiled_function(*key)(module, *args)
+            except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no working compiler for the kernels
+                _FAILED[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
+                logger.warning("compile_blocks: compiling %s failed (%s: %s); it runs eagerly from now on",
+                               getattr(fn, "__qualname__", fn), type(err).__name__, str(err).strip()[:500])
     return fn(module, *args)
 
 
