@@ -13,6 +13,7 @@ run. Both runs start from the same weights and see the same batches, so their lo
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import datetime
 import json
@@ -44,7 +45,8 @@ def _step_kind(optimizer: torch.optim.Optimizer) -> str:
 
 
 def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, default_step: bool = False,
-        channel_norm: str | None = None, scan_path: str | None = None, compile_mode: str | None = None) -> dict:
+        channel_norm: str | None = None, scan_path: str | None = None, compile_mode: str | None = None,
+        inductor_config: dict | None = None) -> dict:
     from ignite.engine import Events
 
     from common.ops import layer_norm, scan_triton
@@ -65,9 +67,12 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
         parser["optimizer"].pop("fused", None)  # not fused=False, which also turns foreach off (a for-loop step)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network")
-    if compile_mode:  # regional torch.compile of the VSS blocks' training forward
+    if compile_mode:  # regional torch.compile of the blocks' training forward, compiled afresh for this row
         from common.networks import compile_blocks
+        from common.networks.compile import compiled_function
 
+        torch._dynamo.reset()
+        compiled_function.cache_clear()
         compile_blocks(network, mode=compile_mode)
     loss = parser.get_parsed_content("loss")
     optimizer = parser.get_parsed_content("optimizer")
@@ -93,8 +98,10 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    patch = torch._inductor.config.patch(inductor_config or {})  # read while the first iterations compile
     try:
-        trainer.run()
+        with patch:
+            trainer.run()
     finally:
         scan_triton.CONFIG_OVERRIDE.clear()
     seconds = marks[iterations] - marks[skip]
@@ -102,7 +109,8 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
     return {
         "bundle": bundle, "precision": precision, "graphed": graphed,
         "optimizer_step": _step_kind(optimizer), "channel_norm_scope": layer_norm.SCOPE,
-        "scan_path": scan_path or "default", "compile_blocks": compile_mode, "batch": b,
+        "scan_path": scan_path or "default", "compile_blocks": compile_mode, "inductor_config": inductor_config,
+        "batch": b,
         "first_iteration_s": round(marks[1] - start, 1), "image_size": size,
         "images_per_s": round((iterations - skip) * b / seconds, 1),
         "step_ms": round(seconds * 1000 / (iterations - skip), 2),
@@ -133,10 +141,17 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-blocks", nargs="+", default=[], choices=["default", "max-autotune-no-cudagraphs"],
                     help="also run the graphed iteration with the VSS blocks' training forward compiled in this "
                          "torch.compile mode (common.networks.compile_blocks)")
+    ap.add_argument("--inductor-config", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="with --compile-blocks: also run each compiled row with these torch._inductor.config "
+                         "settings (e.g. conv_1x1_as_mm=True; values are Python literals)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 1
+    extra = {}
+    for item in args.inductor_config:
+        key, _, value = item.partition("=")
+        extra[key] = ast.literal_eval(value)
     rows = []
     for bundle in args.bundles:
         for precision in args.precisions:
@@ -154,13 +169,15 @@ def main(argv=None) -> int:
                 print(f"{bundle} {precision}: graphed, scan path {path!r} {row['images_per_s']} img/s "
                       f"({row['peak_allocated_gib']} GiB allocated) vs the default's {g['images_per_s']} "
                       f"({g['peak_allocated_gib']} GiB)", flush=True)
-            for mode in args.compile_blocks:
-                row = run(bundle, True, precision, args.iterations, args.skip, compile_mode=mode)
+            for mode, options in ((m, o) for m in args.compile_blocks for o in [None] + ([extra] if extra else [])):
+                row = run(bundle, True, precision, args.iterations, args.skip, compile_mode=mode,
+                          inductor_config=options)
                 rows.append(row)
                 torch.cuda.empty_cache()
                 g = pair[True]
                 diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(g["losses"], row["losses"]))
-                print(f"{bundle} {precision}: graphed, VSS blocks compiled ({mode}) {row['images_per_s']} img/s "
+                how = f"{mode}, {options}" if options else mode
+                print(f"{bundle} {precision}: graphed, blocks compiled ({how}) {row['images_per_s']} img/s "
                       f"({row['peak_allocated_gib']} GiB allocated; first iteration {row['first_iteration_s']} s) vs "
                       f"{g['images_per_s']} ({g['peak_allocated_gib']} GiB); losses within {diff:.2e}", flush=True)
             if args.unfused_too:
