@@ -10,12 +10,12 @@ layout copies around the 1x1 convolutions into a few kernels each way). The sele
 not traced: SS2D calls its scan kernels and chooses its scan path outside the graphs
 (``torch.compiler.disable``), so each VSS block is a few graphs around our own scan kernels.
 Inference (``eval()`` or ``no_grad``) keeps the eager forward, which takes the fused inference
-kernels and is replayed from CUDA graphs by the bundles (launch-bound at one slice: compiling does
-not pay there, and every new batch size would compile again).
+kernels and is replayed from CUDA graphs by the bundles (one slice is launch-bound; compiling it is
+not measured yet, and every new batch size would compile again).
 
 Graphs are specialised on shapes (``dynamic=False``): a network compiles one graph set per block
-width and map size, on the first training iterations (about a minute on an H100 host; cached by
-Inductor on disk afterwards). The compiled code composes with the trainers' CUDA-graph iteration
+width and map size, on the first training iterations (34-129 s on an H100 host, measured before the
+drop-path probability stopped causing per-block graphs; cached by Inductor on disk afterwards). The compiled code composes with the trainers' CUDA-graph iteration
 (``common.engines``): the eager warm-up iterations compile, the capture records the compiled
 kernels.
 
