@@ -15,9 +15,9 @@ not measured yet, and every new batch size would compile again).
 
 Graphs are specialised on shapes (``dynamic=False``): a network compiles one graph set per block
 width and map size, on the first training iterations (34-129 s on an H100 host, measured before the
-drop-path probability stopped causing per-block graphs; cached by Inductor on disk afterwards). The compiled code composes with the trainers' CUDA-graph iteration
-(``common.engines``): the eager warm-up iterations compile, the capture records the compiled
-kernels.
+drop-path probability stopped causing per-block graphs; cached by Inductor on disk afterwards).
+The compiled code composes with the trainers' CUDA-graph iteration (``common.engines``): the eager
+warm-up iterations compile, the capture records the compiled kernels.
 
 Why regional and not the whole network: blocks of the same shape share their code (a whole-network
 compile traces every block again), and stochastic depth gives each block its own probability,
@@ -107,6 +107,9 @@ def compile_blocks(network: nn.Module, enabled: bool = True, mode: str = "defaul
         return network
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile_blocks: mode must be one of {COMPILE_MODES}, got {mode!r}")
+    from .blocks.ss2d import exclude_scans_from_compile
+
+    exclude_scans_from_compile()
     blocks = _outermost_compilable(network)
     if not blocks:
         raise ValueError(f"compile_blocks: {type(network).__name__} has no compilable blocks")

@@ -59,28 +59,44 @@ from ...ops.cross_scan import (
 from ...ops.ss2d_io import conv_cross, fused_io_available, merge_norm, merge_norm_ref
 from .layers import LayerNorm2d, Linear2d, norm_before_linear, to_channels_first, to_channels_last
 
-__all__ = ["SS2D", "cross_scan", "cross_merge"]  # the cross-scan pair lives in common.ops.cross_scan
+# the cross-scan pair lives in common.ops.cross_scan
+__all__ = ["SS2D", "cross_scan", "cross_merge", "exclude_scans_from_compile"]
 
 K_DIRECTIONS = 4
 
-# the scans run their own kernels, dispatched in Python: torch.compile calls them as they are (a graph
-# break); the wrappers look the functions up when called, so they can be replaced (complexity.py's counter)
-_NOT_TRACED = "the selective scan runs its own kernels, dispatched in Python (common.ops)"
-
-
-@torch.compiler.disable(reason=_NOT_TRACED)
+# SS2D calls the scans through these names; exclude_scans_from_compile() makes torch.compile call them
+# as they are (graph breaks). They look the functions up when called, so those can be replaced
+# (complexity.py's FLOP counter).
 def _selective_scan(*args, **kwargs):
     return selective_scan(*args, **kwargs)
 
 
-@torch.compiler.disable(reason=_NOT_TRACED)
 def _cross_selective_scan(*args, **kwargs):
     return cross_selective_scan(*args, **kwargs)
 
 
-@torch.compiler.disable(reason=_NOT_TRACED)
 def _bidirectional_selective_scan(*args, **kwargs):
     return bidirectional_selective_scan(*args, **kwargs)
+
+
+_EXCLUDED_FROM_COMPILE = False
+
+
+def exclude_scans_from_compile() -> None:
+    """Make ``torch.compile`` leave SS2D's scans and its choice of scan path untraced (graph breaks
+    around them): they run our own kernels, dispatched in Python (:mod:`common.ops`), which Dynamo
+    should not trace. :func:`common.networks.compile_blocks` calls it; call it before compiling a
+    network containing SS2D blocks in another way. Idempotent. Not done at import, because importing
+    ``torch._dynamo`` loads Triton, which CPU use of this package does not need."""
+    global _selective_scan, _cross_selective_scan, _bidirectional_selective_scan, _EXCLUDED_FROM_COMPILE
+    if _EXCLUDED_FROM_COMPILE:
+        return
+    reason = "the selective scan runs its own kernels, dispatched in Python (common.ops)"
+    _selective_scan = torch.compiler.disable(_selective_scan, reason=reason)
+    _cross_selective_scan = torch.compiler.disable(_cross_selective_scan, reason=reason)
+    _bidirectional_selective_scan = torch.compiler.disable(_bidirectional_selective_scan, reason=reason)
+    SS2D._scan_path = torch.compiler.disable(SS2D._scan_path, reason=reason)
+    _EXCLUDED_FROM_COMPILE = True
 
 
 def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
@@ -236,7 +252,7 @@ class SS2D(nn.Module):
 
         Under ``torch.compile`` (:func:`common.networks.compile_blocks`) the copies, projections and
         merge around the scan are traced; the choice of path and the scan kernels are not (graph
-        breaks: they are dispatched in Python, :mod:`common.ops`)."""
+        breaks: they are dispatched in Python, :mod:`common.ops`; :func:`exclude_scans_from_compile`)."""
         if self.force_fp32:
             x = x.float()
         path = self._scan_path(x)
@@ -262,7 +278,6 @@ class SS2D(nn.Module):
         )
         return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w)
 
-    @torch.compiler.disable(reason=_NOT_TRACED)
     def _scan_path(self, x: torch.Tensor) -> str:
         """``"fused"`` (the map read in the four orders by the kernel), ``"bidirectional"`` or ``"cross"``
         (the written-out four-direction copy) for this call (see the class docstring)."""
