@@ -73,6 +73,11 @@ def test_compile_blocks_marks_outermost_compilable_blocks():
     assert len(vss) == 20 and len(lkpe) == 4 and len(seq) == 5
     assert all(m.compile_mode == "default" for m in vss + lkpe + seq)
     assert torch._dynamo.config.recompile_limit >= 64
+    from common.networks.blocks import ss2d as ss2d_module
+
+    for fn in (ss2d_module._selective_scan, ss2d_module._cross_selective_scan,
+               ss2d_module._bidirectional_selective_scan, ss2d_module.SS2D._scan_path):
+        assert getattr(fn, "_torchdynamo_disable", False), fn  # the scans stay outside the graphs
     with pytest.raises(ValueError, match="mode"):
         compile_blocks(model, mode="reduce-overhead")
     with pytest.raises(ValueError, match="no compilable blocks"):
