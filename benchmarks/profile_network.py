@@ -57,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--ops", type=int, default=0, help="also list the N aten ops with the most device time "
                     "(which op launched the copies), with their input shapes")
     ap.add_argument("--compile-blocks", action="store_true",
-                    help="torch.compile the VSS blocks' training forward (common.networks.compile_blocks)")
+                    help="torch.compile the blocks' training forward (common.networks.compile_blocks)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.graphed and not args.inference:

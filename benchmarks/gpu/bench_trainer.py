@@ -16,6 +16,7 @@ import argparse
 import ast
 import copy
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
                          "(scan_triton.CONFIG_OVERRIDE['path'], e.g. 'tile': the kernels before the plane kernels)")
     ap.add_argument("--graphed-only", action="store_true", help="skip MONAI's eager iteration")
     ap.add_argument("--compile-blocks", nargs="+", default=[], choices=["default", "max-autotune-no-cudagraphs"],
-                    help="also run the graphed iteration with the VSS blocks' training forward compiled in this "
+                    help="also run the graphed iteration with the blocks' training forward compiled in this "
                          "torch.compile mode (common.networks.compile_blocks)")
     ap.add_argument("--inductor-config", nargs="+", default=[], metavar="KEY=VALUE",
                     help="with --compile-blocks: also run each compiled row with these torch._inductor.config "
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
                 print(f"{bundle} {precision}: graphed, scan path {path!r} {row['images_per_s']} img/s "
                       f"({row['peak_allocated_gib']} GiB allocated) vs the default's {g['images_per_s']} "
                       f"({g['peak_allocated_gib']} GiB)", flush=True)
-            for mode, options in ((m, o) for m in args.compile_blocks for o in [None] + ([extra] if extra else [])):
+            for mode, options in itertools.product(args.compile_blocks, [None] + ([extra] if extra else [])):
                 row = run(bundle, True, precision, args.iterations, args.skip, compile_mode=mode,
                           inductor_config=options)
                 rows.append(row)

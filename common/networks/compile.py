@@ -1,7 +1,7 @@
 """Regional ``torch.compile`` of the networks' blocks for training.
 
-:func:`compile_blocks` marks every compilable block of a network (a module whose class has a
-``compile_mode`` attribute and calls :func:`maybe_compiled` in its ``forward``: the
+:func:`compile_blocks` marks every compilable block of a network (a :class:`Compilable` module that
+calls :func:`maybe_compiled` in its ``forward``: the
 :class:`~common.networks.blocks.VSSBlock`, MSVM-UNet's LKPE up-samplers and stem, any
 :class:`CompilableSequential`) so that its training forward (``module.training`` and gradients
 enabled) runs through one ``torch.compile``-d function per block class (Inductor fuses the
@@ -32,7 +32,8 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["compile_blocks", "compiled_function", "maybe_compiled", "CompilableSequential", "RECOMPILE_LIMIT"]
+__all__ = ["compile_blocks", "compiled_function", "maybe_compiled", "Compilable", "CompilableSequential",
+           "RECOMPILE_LIMIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ RECOMPILE_LIMIT = 64
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
-_FAILED: dict[tuple, str] = {}  # (function, mode, backend) whose compilation failed -> why (runs eagerly)
+_FAILED: set[tuple] = set()  # (function, mode, backend) whose compilation failed: runs eagerly
 
 
 @functools.cache
@@ -71,18 +72,23 @@ def maybe_compiled(module: nn.Module, fn, *args):
             try:
                 return compiled_function(*key)(module, *args)
             except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no working compiler for the kernels
-                _FAILED[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
+                _FAILED.add(key)
                 logger.warning("compile_blocks: compiling %s failed (%s: %s); it runs eagerly from now on",
                                getattr(fn, "__qualname__", fn), type(err).__name__, str(err).strip()[:500])
     return fn(module, *args)
 
 
-class CompilableSequential(nn.Sequential):
-    """``nn.Sequential`` (same children, same state dict) whose training forward
-    :func:`compile_blocks` can compile. For the layers between the repeated blocks (stems, down-samplers)."""
+class Compilable:
+    """Mixin of the modules :func:`compile_blocks` marks; their ``forward`` calls :func:`maybe_compiled`.
+    ``compile_mode`` ``None``: eager (the default, and how to turn one block off)."""
 
     compile_mode: str | None = None
     compile_backend = "inductor"
+
+
+class CompilableSequential(Compilable, nn.Sequential):
+    """``nn.Sequential`` (same children, same state dict) whose training forward
+    :func:`compile_blocks` can compile. For the layers between the repeated blocks (stems, down-samplers)."""
 
     def forward(self, x):
         return maybe_compiled(self, nn.Sequential.forward, x)
@@ -122,11 +128,7 @@ def compile_blocks(network: nn.Module, enabled: bool = True, mode: str = "defaul
     return network
 
 
-def _compilable(module: nn.Module) -> bool:
-    return hasattr(type(module), "compile_mode")
-
-
 def _outermost_compilable(module: nn.Module) -> list[nn.Module]:
-    if _compilable(module):
+    if isinstance(module, Compilable):
         return [module]
     return [b for child in module.children() for b in _outermost_compilable(child)]

@@ -32,7 +32,7 @@ from torch import nn
 from .blocks import LayerNorm2d, Linear2d, Mlp, VSSBlock
 from .blocks.layers import norm_before_linear
 from .checkpoint import load_mapped, read_state_dict, tensors_of
-from .compile import CompilableSequential, maybe_compiled
+from .compile import Compilable, CompilableSequential, maybe_compiled
 from .vssm import init_vmamba_v0_weights
 
 __all__ = [
@@ -118,7 +118,7 @@ class MSMLP(Mlp):
         return self.drop(self.fc2(self.multiscale_conv(x)))
 
 
-class LKPE(nn.Module):
+class LKPE(Compilable, nn.Module):
     """Large-kernel patch expanding: 1x1 conv (x ``scale**2 * out_dim / dim``), BN, ReLU, 3x3
     depth-wise conv, pixel shuffle by ``scale``, LayerNorm. ``(B, dim, H, W) -> (B, out_dim, sH, sW)``.
 
@@ -137,9 +137,6 @@ class LKPE(nn.Module):
             nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, groups=hidden, bias=True),
         )
         self.norm = LayerNorm2d(self.out_dim)
-
-    compile_mode: str | None = None  # common.networks.compile_blocks: its training forward compiled
-    compile_backend = "inductor"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return maybe_compiled(self, type(self)._forward, x)

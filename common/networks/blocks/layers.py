@@ -67,11 +67,10 @@ class DropPath(_MonaiDropPath):
         self._drop_prob = float(value)
         # flags, not the value, are what compiled graphs guard on
         self.active, self.all_dropped = self._drop_prob > 0.0, self._drop_prob >= 1.0
-        keep = torch.tensor(1.0 - self._drop_prob)
         if "keep_prob" in self._buffers:
-            self.keep_prob.fill_(keep.item())
+            self.keep_prob.fill_(1.0 - self._drop_prob)
         else:
-            self.register_buffer("keep_prob", keep, persistent=False)
+            self.register_buffer("keep_prob", torch.tensor(1.0 - self._drop_prob), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.active and self.training):

@@ -13,14 +13,14 @@ import torch
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ..compile import maybe_compiled
+from ..compile import Compilable, maybe_compiled
 from .layers import DropPath, LayerNorm2d, Mlp, norm_before_linear
 from .ss2d import SS2D
 
 __all__ = ["VSSBlock"]
 
 
-class VSSBlock(nn.Module):
+class VSSBlock(Compilable, nn.Module):
     """Visual state-space block.
 
     Args:
@@ -39,9 +39,6 @@ class VSSBlock(nn.Module):
         use_checkpoint: gradient checkpointing of the whole block (saves memory when training).
         scan_backend: selective-scan backend for the SS2D (``None``: automatic).
     """
-
-    compile_mode: str | None = None  # common.networks.compile_blocks: its training forward compiled
-    compile_backend = "inductor"
 
     def __init__(
         self,
