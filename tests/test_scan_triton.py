@@ -225,11 +225,23 @@ STEP_CASES = [
 ]
 
 
+# and for N < 8 (STEP_CONFIG["small_n"]), in blocks of 32 / N channels: MSVM-UNet's N = 1, N = 2 and 3
+STEP_CASES += [
+    pytest.param(1, 64, 19, 1, 2, ALL, {"small_n": True}, id="N1-z-groups"),
+    pytest.param(2, 64, 37, 1, 1, dict(ALL, with_z=False), {"small_n": True, "segs_fwd": 3, "segs_bwd": 2},
+                 id="N1-segments-nsub2"),
+    pytest.param(1, 32, 10, 3, 1, dict(NONE, last_state=True), {"small_n": True}, id="N3-padded-bare"),
+    pytest.param(1, 32, 13, 2, 1, dict(ALL, with_z=False), {"small_n": True, "dbc": "atomic", "nsub": 1},
+                 id="N2-atomics"),
+]
+
+
 @pytest.mark.parametrize("batch,dim,length,n,groups,opts,step", STEP_CASES)
 def test_step_kernels(interpreter, batch, dim, length, n, groups, opts, step):
     interpreter.CONFIG_OVERRIDE.update(step=step, min_programs=1)
     cfg = interpreter._step_config(dim, length, n, dim // groups, batch, False, False, torch.device(DEVICE))
-    nsub = step.get("nsub", 2 if (dim // groups) % 16 == 0 else 1)
+    block = max(8, 32 // (1 << (n - 1).bit_length()))  # channels per block
+    nsub = step.get("nsub", 2 if (dim // groups) % (2 * block) == 0 else 1)
     assert cfg is not None and cfg["NSUB"] == nsub
     assert cfg["dbc"] == step.get("dbc", "partial")
     assert (cfg["segs_fwd"], cfg["segs_bwd"]) == (step.get("segs_fwd", 1), step.get("segs_bwd", 1))

@@ -136,8 +136,9 @@ def main(argv=None) -> int:
                     help="both: also run the graphed iteration with every norm through the channel-norm kernels "
                          "(common.ops.layer_norm scope 'all', training included)")
     ap.add_argument("--scan-paths", nargs="+", default=[],
-                    help="also run the graphed iteration with the triton scan forced onto these kernel paths "
-                         "(scan_triton.CONFIG_OVERRIDE['path'], e.g. 'tile': the kernels before the plane kernels)")
+                    help="also run the graphed iteration (and each compiled row) with the triton scan forced onto "
+                         "these kernel paths (scan_triton.CONFIG_OVERRIDE['path'], e.g. 'tile': the kernels before "
+                         "the plane kernels; 'step': the step kernels at N < 8 too)")
     ap.add_argument("--graphed-only", action="store_true", help="skip MONAI's eager iteration")
     ap.add_argument("--compile-blocks", nargs="+", default=[], choices=["default", "max-autotune-no-cudagraphs"],
                     help="also run the graphed iteration with the blocks' training forward compiled in this "
@@ -170,14 +171,16 @@ def main(argv=None) -> int:
                 print(f"{bundle} {precision}: graphed, scan path {path!r} {row['images_per_s']} img/s "
                       f"({row['peak_allocated_gib']} GiB allocated) vs the default's {g['images_per_s']} "
                       f"({g['peak_allocated_gib']} GiB)", flush=True)
-            for mode, options in itertools.product(args.compile_blocks, [None] + ([extra] if extra else [])):
+            for mode, options, path in itertools.product(args.compile_blocks, [None] + ([extra] if extra else []),
+                                                         [None] + args.scan_paths):
                 row = run(bundle, True, precision, args.iterations, args.skip, compile_mode=mode,
-                          inductor_config=options)
+                          inductor_config=options, scan_path=path)
                 rows.append(row)
                 torch.cuda.empty_cache()
                 g = pair[True]
                 diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(g["losses"], row["losses"]))
-                how = f"{mode}, {options}" if options else mode
+                how = ", ".join([mode] + ([str(options)] if options else [])
+                                + ([f"scan path {path!r}"] if path else []))
                 print(f"{bundle} {precision}: graphed, blocks compiled ({how}) {row['images_per_s']} img/s "
                       f"({row['peak_allocated_gib']} GiB allocated; first iteration {row['first_iteration_s']} s) vs "
                       f"{g['images_per_s']} ({g['peak_allocated_gib']} GiB); losses within {diff:.2e}", flush=True)

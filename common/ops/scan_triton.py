@@ -1210,9 +1210,11 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # 0.253 -> 0.205 ms, 384 @ 3136 0.121 -> 0.104, 768 @ 784 0.060 -> 0.053; float32 0.335 -> 0.224,
 # 0.165 -> 0.114, 0.070 -> 0.054; benchmarks/gpu/bench_batch1_scan.py). "segs_fwd" / "segs_bwd"
 # (> 0) force a count.
+# "small_n": the step kernels for N < 8 too (MSVM-UNet's N = 1), in blocks of 32 / N channels, so that a
+# warp's lanes hold one (channel, state) pair each; otherwise the tile kernels take N < 8.
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
-               "segs_fwd": 0, "segs_bwd": 0}
+               "segs_fwd": 0, "segs_bwd": 0, "small_n": False}
 
 
 def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every: int, forced: int = 0,
@@ -1241,10 +1243,11 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     """
     bn = triton.next_power_of_2(n_state)
     path = CONFIG_OVERRIDE.get("path")
-    bd = 8
-    if any_fixed or spatial or bn < 8 or bn > 32 or path in ("tile", "time") or gdims % bd:
-        return None
     conf = dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))
+    small = bn < 8 and (conf["small_n"] or path == "step")  # N < 8: one (channel, state) pair per lane
+    bd = 32 // bn if small else 8
+    if any_fixed or spatial or (bn < 8 and not small) or bn > 32 or path in ("tile", "time") or gdims % bd:
+        return None
     nsub = conf["nsub"]
     sms = _sm_count(device)
     target = CONFIG_OVERRIDE.get("min_programs", 5 * sms)
@@ -1308,55 +1311,55 @@ class SelectiveScanTriton(torch.autograd.Function):
         dummy = u
         optional = (D if D is not None else dummy, z if z is not None else dummy,
                     delta_bias if delta_bias is not None else dummy)
-        if pcfg is None:  # the plane kernels allocate their own (a summed output in the fused mode)
-            out = torch.empty_like(delta, dtype=u.dtype)
-            last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
         if pcfg is not None:  # nothing saved but the inputs: the backward recomputes the forward
             out, last = _plane.plane_fwd(u, delta, A, Bc, Cc, D, z, delta_bias, delta_softplus, return_last_state,
                                          spatial, strides, pcfg, cdt)
             bl, saved = length, ()
-        elif scfg is not None:
-            bl, every = 4, scfg["save_every"]
-            n_chunks = triton.cdiv(length, bl)
-            n_saved = triton.cdiv(n_chunks, every)
-            states = torch.empty(batch, n_saved, dim, n_state, dtype=cdt, device=u.device) if save else last
-            dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
-            step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
-            segs, per = scfg["segs_fwd"], scfg["seg_chunks_fwd"]
-            if segs > 1:
-                seg_h = torch.empty(batch, segs - 1, dim, n_state, dtype=cdt, device=u.device)
-                seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=u.device)
-            else:  # not read with one segment
-                seg_h = seg_dt = last
-            for local in ([True] if segs > 1 else []) + [False]:
-                _fwd_kernel_s[(dim // scfg["BD"], batch, segs - 1 if local else segs)](
-                    u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
-                    dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, **step_opts,
-                    BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local,
-                    REV=bool(rev_slot), num_warps=1,
+        else:  # outputs allocated here (the plane kernels allocate their own: a summed one when fused)
+            out = torch.empty_like(delta, dtype=u.dtype)
+            last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
+            if scfg is not None:
+                bl, every = 4, scfg["save_every"]
+                n_chunks = triton.cdiv(length, bl)
+                n_saved = triton.cdiv(n_chunks, every)
+                states = torch.empty(batch, n_saved, dim, n_state, dtype=cdt, device=u.device) if save else last
+                dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
+                step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
+                segs, per = scfg["segs_fwd"], scfg["seg_chunks_fwd"]
+                if segs > 1:
+                    seg_h = torch.empty(batch, segs - 1, dim, n_state, dtype=cdt, device=u.device)
+                    seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=u.device)
+                else:  # not read with one segment
+                    seg_h = seg_dt = last
+                for local in ([True] if segs > 1 else []) + [False]:
+                    _fwd_kernel_s[(dim // scfg["BD"], batch, segs - 1 if local else segs)](
+                        u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
+                        dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, **step_opts,
+                        BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local,
+                        REV=bool(rev_slot), num_warps=1,
+                    )
+                saved = (states, dts)
+            elif tcfg is not None:
+                bl, ln, nw = tcfg["BLOCK_L"], tcfg["LN"], tcfg["NW"]
+                n_chunks = triton.cdiv(length, bl)
+                states = torch.empty(batch, n_chunks, dim, n_state, dtype=cdt, device=u.device) if save else last
+                dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
+                _fwd_kernel_t[(dim // tcfg["BDP"], batch)](
+                    u, delta, A, Bc, Cc, *optional, out, last, states, dts,
+                    dim, length, n_state, n_chunks, *geometry, *strides, **opts,
+                    BLOCK_L=bl, BNR=bn // ln, LN=ln, NW=nw, BD8=32 // ln, num_warps=nw,
                 )
-            saved = (states, dts)
-        elif tcfg is not None:
-            bl, ln, nw = tcfg["BLOCK_L"], tcfg["LN"], tcfg["NW"]
-            n_chunks = triton.cdiv(length, bl)
-            states = torch.empty(batch, n_chunks, dim, n_state, dtype=cdt, device=u.device) if save else last
-            dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
-            _fwd_kernel_t[(dim // tcfg["BDP"], batch)](
-                u, delta, A, Bc, Cc, *optional, out, last, states, dts,
-                dim, length, n_state, n_chunks, *geometry, *strides, **opts,
-                BLOCK_L=bl, BNR=bn // ln, LN=ln, NW=nw, BD8=32 // ln, num_warps=nw,
-            )
-            saved = (states, dts)
-        else:
-            bd, bl, nw = pick_config("fwd", dim, length, n_state, gdims)
-            n_chunks = triton.cdiv(length, bl)
-            states = torch.empty(batch, dim, n_chunks, n_state, dtype=cdt, device=u.device) if save else last
-            _fwd_kernel[(triton.cdiv(dim, bd), batch)](
-                u, delta, A, Bc, Cc, *optional, out, last, states,
-                dim, length, n_state, n_chunks, *geometry, *strides, **opts, B_FIXED=b_fixed, C_FIXED=c_fixed,
-                BLOCK_D=bd, BLOCK_N=bn, BLOCK_L=bl, num_warps=nw,
-            )
-            saved = (states,)
+                saved = (states, dts)
+            else:
+                bd, bl, nw = pick_config("fwd", dim, length, n_state, gdims)
+                n_chunks = triton.cdiv(length, bl)
+                states = torch.empty(batch, dim, n_chunks, n_state, dtype=cdt, device=u.device) if save else last
+                _fwd_kernel[(triton.cdiv(dim, bd), batch)](
+                    u, delta, A, Bc, Cc, *optional, out, last, states,
+                    dim, length, n_state, n_chunks, *geometry, *strides, **opts, B_FIXED=b_fixed, C_FIXED=c_fixed,
+                    BLOCK_D=bd, BLOCK_N=bn, BLOCK_L=bl, num_warps=nw,
+                )
+                saved = (states,)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *saved)
             ctx.delta_softplus = bool(delta_softplus)
