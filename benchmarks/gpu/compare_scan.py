@@ -11,10 +11,10 @@
 - ``--plane``: at MSVM-UNet's N = 1 shapes, the plane kernels (whole sequences per program; the
   default there) in several (BD, num_warps) launch configurations against their automatic choice, the
   tile kernels (the default before them), mamba-ssm and the floor.
-- ``--tile``: at MSVM-UNet's training scans (N = 1, batch 32, each stage, fp32 and bf16), the tile
-  kernels' forward and backward in every (BLOCK_D, num_warps) at each BLOCK_L, against the shipped
-  choice, the step kernels in blocks of 32 channels (``STEP_CONFIG["small_n"]``, several variants),
-  mamba-ssm and the floor.
+- ``--tile``: at MSVM-UNet's training scans (N = 1, batch 32, each stage, fp32 and bf16), the shipped
+  tile kernels against the step kernels in blocks of 32 channels (``STEP_CONFIG["small_n"]``, several
+  variants), mamba-ssm and the floor; ``--tile-configs`` adds the tile kernels' forward and backward
+  in every (BLOCK_D, num_warps) at each BLOCK_L.
 - ``--sweep``: forward and forward + backward ms of the time-in-thread kernels for several
   (BLOCK_L, LN, NW, cap) launch configurations and of the tile kernels, at N = 16 SS2D shapes.
 - ``--compare``: at the issue's shapes (batch 16, 4 directions, softplus, D, delta_bias): the
@@ -244,28 +244,32 @@ STEP_N1_VARIANTS = [("step", {}), ("step nsub1", {"nsub": 1}), ("step save_every
 TILE_BLOCKS = [(bd, nw) for bd in (4, 8, 16, 32) for nw in (1, 2, 4)]
 
 
-def tile_sweep(rows):
-    """The tile kernels (N = 1) in every (BLOCK_D, num_warps) for forward and backward at each BLOCK_L
-    (the backward walks the forward's chunks, so both share it): forward ms alone, backward ms as
-    forward + backward minus the forward of the same run's default forward configuration. Tiles with
-    fewer elements than threads, or over 4096 elements, are skipped."""
+def tile_sweep(rows, configs=False):
+    """At MSVM-UNet's training scans: the shipped choice (the tile kernels), the step kernels at N = 1
+    (``STEP_CONFIG["small_n"]``) in several variants, mamba-ssm and the floor; with ``configs``, then
+    the tile kernels in every (BLOCK_D, num_warps) for forward and backward at each BLOCK_L (the
+    backward walks the forward's chunks, so both share it): forward ms alone, backward ms as forward +
+    backward minus the forward of the default forward configuration. Tiles with fewer elements than
+    threads, or over 4096 elements, are skipped."""
     bw = copy_bandwidth()
     emit(rows, dict(kind="bandwidth", tb_s=round(bw / 1e12, 3)))
     have_mamba = "mamba_ssm" in available_backends("cuda")
     for shape in TILE_SHAPES:
         _, d, length, n, _ = shape
-        auto = st.pick_config("fwd", 4 * d, length, n, d)
-        res = dict(kind="tile", shape=label(shape), auto=auto, floor=[round(t, 4) for t in floor_ms(shape, bw)])
+        res = dict(kind="tile_step", shape=label(shape), auto=st.pick_config("fwd", 4 * d, length, n, d),
+                   floor=[round(t, 4) for t in floor_ms(shape, bw)])
         timed = time_with(shape, {}, 1)
         res["default"] = [round(timed[0], 4), round(timed[1], 4)] if timed else None
         if have_mamba:
             res["mamba_ssm"] = [round(t, 4) for t in time_scan("mamba_ssm", shape)]
-        for name, step in STEP_N1_VARIANTS:  # the step kernels at N = 1 (STEP_CONFIG["small_n"])
+        for name, step in STEP_N1_VARIANTS:
             timed = time_with(shape, {"path": "step", "step": step}, 1)
             res[name] = [round(timed[0], 4), round(timed[1], 4)] if timed else None
-        emit(rows, dict(res, kind="tile_step"))
-        for bl in (32, 64, 128):
-            if bl > max(32, 2 * length):
+        emit(rows, res)
+    for shape in TILE_SHAPES if configs else []:
+        res = dict(kind="tile", shape=label(shape))
+        for bl in (16, 32, 64, 128):
+            if bl > max(32, 2 * shape[2]):
                 continue
             ok = [(bd, nw) for bd, nw in TILE_BLOCKS if 32 * nw <= bd * bl <= 4096]
             base = time_with(shape, {"fwd": (8, bl, 4), "bwd": (8, bl, 4)}, 1)
@@ -413,6 +417,8 @@ def main():
     ap.add_argument("--plane", action="store_true")
     ap.add_argument("--tile", action="store_true", help="launch configurations of the tile kernels at MSVM-UNet's "
                                                         "training scans (N = 1, batch 32)")
+    ap.add_argument("--tile-configs", action="store_true", help="--tile: also sweep the tile kernels' launch "
+                                                                "configurations")
     ap.add_argument("--graphs", action="store_true", help="time the scans as CUDA-graph replays (kernels only)")
     ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap: --compare and --ss2d "
                                                  "then use those kernels (also after --sweep: its best)")
@@ -433,7 +439,7 @@ def main():
     if args.plane:
         plane(rows, args.repeats)
     if args.tile:
-        tile_sweep(rows)
+        tile_sweep(rows, args.tile_configs)
     if args.step:
         step_sweep(rows, args.repeats)
     if args.segments:

@@ -13,10 +13,11 @@ Four kernel families, chosen per call:
 
 - Tile kernels (N < 8, e.g. MSVM-UNet's N = 1, and fixed B or C). One program per (block of
   ``BLOCK_D`` channels of one B/C group, batch element) walks the sequence in chunks of ``BLOCK_L``
-  steps. A chunk is a ``(BLOCK_D, N, BLOCK_L)`` register tile: the decays ``a = exp(dt * A)`` and
-  inputs ``b = dt * u * B`` of every step, scanned along the time axis with ``tl.associative_scan``
-  (first-order linear recurrence), plus the state carried in from the previous chunk; ``y = sum_n C
-  * h`` is reduced in registers, so the states never touch memory. Triton's default layout puts the
+  steps (at N < 8 one warp, 4 channels, 32 or 64 steps: ``pick_config``). A chunk is a
+  ``(BLOCK_D, N, BLOCK_L)`` register tile: the decays ``a = exp(dt * A)`` and inputs
+  ``b = dt * u * B`` of every step, scanned along the time axis with ``tl.associative_scan``
+  (first-order linear recurrence), plus the state carried in from the previous chunk;
+  ``y = sum_n C * h`` is reduced in registers, so the states never touch memory. Triton's default layout puts the
   time axis across the lanes, so the scans cost shuffles.
 - Step kernels (time-varying B and C, 8 <= N <= 32: the N = 16 SS2D scans; the default there).
   One-warp programs of 8 channels whose tiles are laid out (by the shapes of the loads, which decide
@@ -61,9 +62,12 @@ kernels do it (bands of the map, the four outputs summed in the kernel); otherwi
 Speed on an H200 (batch 16, SS2D shapes; benchmarks/README.md): at N = 16 (step kernels, state
 stored every 8 steps) forward + backward 1.13-1.28x faster than mamba-ssm's CUDA kernel at L 3136 and
 196, 0.67-0.96x at L 4096 and 12544; at batch 1 (time segments) forward 0.26 ms at 192 @ 4096 (mamba-ssm
-0.12) and 0.35 at 192 @ 12544 (0.36); at N = 1 0.4-0.8x. The fused cross-scan mode is about 2x slower
-than the PyTorch cross-scan around the plain scan (column-major steps are W elements apart in memory),
-so SS2D uses it only when asked.
+0.12) and 0.35 at 192 @ 12544 (0.36); at N = 1 0.4-0.8x with the launch configurations before
+2026-12-06 (H100, MSVM-UNet's batch-32 scans: one-warp tiles now, 1.6-2x faster than those).
+The step kernels also run N < 8 on request (``STEP_CONFIG["small_n"]``: blocks of 32 / N channels);
+at N = 1 they are 2.3-4x slower than the tile kernels (too few programs, one chain per thread).
+The fused cross-scan mode is about 2x slower than the PyTorch cross-scan around the plain scan
+(column-major steps are W elements apart in memory), so SS2D uses it only when asked.
 
 On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), for tests: if
 this module was first imported without that variable, a CPU call loads an interpreted twin.
@@ -1114,13 +1118,16 @@ def pick_config(kind: str, dim: int, length: int, n_state: int, group_dims: int)
     if kind in CONFIG_OVERRIDE:
         bd, bl, nw = CONFIG_OVERRIDE[kind]
         return _pow2_divisor(group_dims, bd), bl, nw
-    # the fastest forward+backward measured on an H100 (benchmarks/README.md): (4, 64, 4) at N=16,
-    # (8, 32, 4) at N=1 and L=3136, (32, 16, 8) at N=1 and L=196
+    # the fastest forward+backward measured on an H100 (benchmarks/README.md): (4, 64, 4) at N=16
+    # (fixed B or C). At N=1, one-warp programs of 4 channels (compare_scan.py --tile --tile-configs,
+    # MSVM-UNet's training scans at batch 32, 2026-12-06): chunks of 64 steps for L 3136 and 784, of 32
+    # for L 196 and 49; bf16 fwd+bwd 1.80 -> 0.88 ms at 96 @ 3136, 0.47 -> 0.28 at 384 @ 196 against the
+    # 4-warp (8, 32, 4) / 8-warp (32, 16, 8) tiles measured on the batch-16 shapes before
     bn = triton.next_power_of_2(n_state)
     if bn >= 8:
         bd, bl, nw = 4, 64, 4
     else:
-        bd, bl, nw = (8, 32, 4) if length > 512 else (32, 16, 8)
+        bd, bl, nw = (4, 64, 1) if length > 512 else (4, 32, 1)
     bd = _pow2_divisor(group_dims, bd)
     bl = min(bl, max(16, triton.next_power_of_2(length)))
     return bd, bl, nw
@@ -1211,7 +1218,9 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # 0.165 -> 0.114, 0.070 -> 0.054; benchmarks/gpu/bench_batch1_scan.py). "segs_fwd" / "segs_bwd"
 # (> 0) force a count.
 # "small_n": the step kernels for N < 8 too (MSVM-UNet's N = 1), in blocks of 32 / N channels, so that a
-# warp's lanes hold one (channel, state) pair each; otherwise the tile kernels take N < 8.
+# warp's lanes hold one (channel, state) pair each; off, the tile kernels take N < 8: at MSVM-UNet's
+# batch-32 scans on an H100 the step kernels were 2.3-4x slower (fwd+bwd, every variant) and its
+# training 11-21 % slower (benchmarks/README.md).
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False}
