@@ -1245,7 +1245,8 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     """Launch parameters of the step kernels, or None where they do not apply.
 
     They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
-    mode, when 8-channel blocks fit the groups. Returns dict(BD,
+    mode, when 8-channel blocks fit the groups; with ``STEP_CONFIG["small_n"]`` (or the path override
+    ``"step"``) also to N < 8, in blocks of 32 / N channels. Returns dict(BD,
     NSUB, dbc, stages_fwd, stages_bwd, save_every, segs_fwd, seg_chunks_fwd, segs_bwd,
     seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a group and the grid keeps at least
     ``min_programs`` (default 5 per multiprocessor) programs, else 1.
