@@ -1122,7 +1122,8 @@ def pick_config(kind: str, dim: int, length: int, n_state: int, group_dims: int)
     # (fixed B or C). At N=1, one-warp programs of 4 channels (compare_scan.py --tile --tile-configs,
     # MSVM-UNet's training scans at batch 32, 2026-12-06): chunks of 64 steps for L 3136 and 784, of 32
     # for L 196 and 49; bf16 fwd+bwd 1.80 -> 0.88 ms at 96 @ 3136, 0.47 -> 0.28 at 384 @ 196 against the
-    # 4-warp (8, 32, 4) / 8-warp (32, 16, 8) tiles measured on the batch-16 shapes before
+    # 4-warp (8, 32, 4) / 8-warp (32, 16, 8) tiles measured on the batch-16 shapes before (N 2-4
+    # and fixed B or C below N = 8 take the same, unmeasured)
     bn = triton.next_power_of_2(n_state)
     if bn >= 8:
         bd, bl, nw = 4, 64, 4
