@@ -222,6 +222,10 @@ STEP_CASES = [
                  id="segments-groups-partials"),
     pytest.param(2, 16, 37, 12, 1, dict(NONE, last_state=True), {"segs_fwd": 3, "segs_bwd": 2, "nsub": 1},
                  id="segments-bare-N12"),
+    # other channel blocks than 8, different in the forward and the backward (one pair per lane at 2 x 16)
+    pytest.param(2, 32, 23, 16, 2, ALL, {"bd_fwd": 2, "bd_bwd": 4}, id="blocks-2-4-groups"),
+    pytest.param(1, 32, 19, 16, 1, dict(ALL, with_z=False), {"bd_fwd": 16, "bd_bwd": 2, "segs_fwd": 2, "segs_bwd": 2},
+                 id="blocks-16-2-segments"),
 ]
 
 
@@ -240,9 +244,11 @@ STEP_CASES += [
 def test_step_kernels(interpreter, batch, dim, length, n, groups, opts, step):
     interpreter.CONFIG_OVERRIDE.update(step=step, min_programs=1)
     cfg = interpreter._step_config(dim, length, n, dim // groups, batch, False, False, torch.device(DEVICE))
-    block = max(8, 32 // (1 << (n - 1).bit_length()))  # channels per block
+    small = 32 // (1 << (n - 1).bit_length())  # channels per block at N < 8
+    block = small if small > 8 else step.get("bd_bwd", 8)  # of the backward
     nsub = step.get("nsub", 2 if (dim // groups) % (2 * block) == 0 else 1)
     assert cfg is not None and cfg["NSUB"] == nsub
+    assert (cfg["BD"], cfg["BD_bwd"]) == ((small, small) if small > 8 else (step.get("bd_fwd", 8), block))
     assert cfg["dbc"] == step.get("dbc", "partial")
     assert (cfg["segs_fwd"], cfg["segs_bwd"]) == (step.get("segs_fwd", 1), step.get("segs_bwd", 1))
     shape = (batch, groups, n, length)

@@ -54,7 +54,9 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
 
     layer_norm.SCOPE = channel_norm or DEFAULT_NORM_SCOPE  # "all": the A/B of --norms both
     scan_triton.CONFIG_OVERRIDE.clear()
-    if scan_path:  # e.g. "tile": the chunked tile kernels where the plane kernels would run (before them)
+    if scan_path and scan_path.startswith("{"):  # a whole override, e.g. other step-kernel blocks
+        scan_triton.CONFIG_OVERRIDE.update(json.loads(scan_path))
+    elif scan_path:  # e.g. "tile": the chunked tile kernels where the plane kernels would run (before them)
         scan_triton.CONFIG_OVERRIDE["path"] = scan_path
     from monai.bundle import ConfigParser
     from monai.engines import SupervisedTrainer
@@ -138,7 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-paths", nargs="+", default=[],
                     help="also run the graphed iteration (and each compiled row) with the triton scan forced onto "
                          "these kernel paths (scan_triton.CONFIG_OVERRIDE['path'], e.g. 'tile': the kernels before "
-                         "the plane kernels; 'step': the step kernels at N < 8 too)")
+                         "the plane kernels; 'step': the step kernels at N < 8 too), or JSON objects merged into "
+                         "CONFIG_OVERRIDE (e.g. '{\"step\": {\"bd_bwd\": 4, \"nsub\": 1}}')")
     ap.add_argument("--graphed-only", action="store_true", help="skip MONAI's eager iteration")
     ap.add_argument("--compile-blocks", nargs="+", default=[], choices=["default", "max-autotune-no-cudagraphs"],
                     help="also run the graphed iteration with the blocks' training forward compiled in this "

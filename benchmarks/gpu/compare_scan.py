@@ -15,6 +15,9 @@
   tile kernels against the step kernels in blocks of 32 channels (``STEP_CONFIG["small_n"]``, several
   variants), mamba-ssm and the floor; ``--tile-configs`` adds the tile kernels' forward and backward
   in every (BLOCK_D, num_warps) at each BLOCK_L.
+- ``--step-blocks``: at the N = 16 training scans of Mamba-HUNet and MSSMamba (paper batches, every
+  stage), the step kernels' channel blocks (``STEP_CONFIG`` ``bd_fwd``, ``bd_bwd``, ``nsub``) against
+  the shipped 8-channel blocks, mamba-ssm and the floor.
 - ``--sweep``: forward and forward + backward ms of the time-in-thread kernels for several
   (BLOCK_L, LN, NW, cap) launch configurations and of the tile kernels, at N = 16 SS2D shapes.
 - ``--compare``: at the issue's shapes (batch 16, 4 directions, softplus, D, delta_bias): the
@@ -289,6 +292,45 @@ def tile_sweep(rows, configs=False):
         emit(rows, res)
 
 
+# The N = 16 scans of Mamba-HUNet (batch 24, 256 x 256: stages at 64, 32, 16, 8) and MSSMamba (batch 10,
+# 224 x 224: 112, 56, 28) at their paper batches, four directions, bf16 (and fp32 at stage 1)
+STEP_TRAIN_SHAPES = ([(24, d, length, 16, torch.bfloat16) for d, length in ((192, 4096), (384, 1024), (768, 256),
+                                                                             (1536, 64))]
+                     + [(10, d, length, 16, torch.bfloat16) for d, length in ((192, 12544), (384, 3136), (768, 784))]
+                     + [(24, 192, 4096, 16, torch.float32), (10, 192, 12544, 16, torch.float32)])
+STEP_FWD_BLOCKS = [2, 4, 16]
+STEP_BWD_BLOCKS = [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (16, 1)]  # (channels per block, blocks per program)
+
+
+def step_blocks(rows):
+    """At the N = 16 training scans: the step kernels' channel blocks. The shipped choice (8 channels,
+    2 blocks per backward program), mamba-ssm and the floor; then forward ms in each forward block size
+    (the backward as shipped) and backward ms (forward + backward minus the shipped forward) in each
+    (block size, blocks per program)."""
+    bw = copy_bandwidth()
+    emit(rows, dict(kind="bandwidth", tb_s=round(bw / 1e12, 3)))
+    have_mamba = "mamba_ssm" in available_backends("cuda")
+    for shape in STEP_TRAIN_SHAPES:
+        res = dict(kind="step_blocks", shape=label(shape), floor=[round(t, 4) for t in floor_ms(shape, bw)])
+        base = time_with(shape, {}, 1)
+        if base is None:
+            continue
+        res["shipped"] = [round(base[0], 4), round(base[1], 4), round(base[1] - base[0], 4)]
+        if have_mamba:
+            res["mamba_ssm"] = [round(t, 4) for t in time_scan("mamba_ssm", shape)]
+        fwd, bwd = {}, {}
+        for bd in STEP_FWD_BLOCKS:
+            t = time_with(shape, {"step": {"bd_fwd": bd}}, 1)
+            if t is not None:
+                fwd[str(bd)] = round(t[0], 4)
+        for bd, nsub in STEP_BWD_BLOCKS:
+            t = time_with(shape, {"step": {"bd_bwd": bd, "nsub": nsub}, "min_programs": 0}, 1)
+            if t is not None:
+                bwd[f"{bd}x{nsub}"] = round(t[1] - base[0], 4)
+        res.update(fwd=fwd, bwd=bwd)
+        emit(rows, res)
+
+
 def plane_configs(auto):
     """(chunk elements, num_warps) of the plane kernels: the shipped choice and its neighbours."""
     return [(256, 4), (512, 4), (512, 8), (1024, 8), (1024, 16), (2048, 16)]
@@ -419,6 +461,8 @@ def main():
                                                         "training scans (N = 1, batch 32)")
     ap.add_argument("--tile-configs", action="store_true", help="--tile: also sweep the tile kernels' launch "
                                                                 "configurations")
+    ap.add_argument("--step-blocks", action="store_true", help="the step kernels' channel blocks at the N = 16 "
+                                                               "training scans of Mamba-HUNet and MSSMamba")
     ap.add_argument("--graphs", action="store_true", help="time the scans as CUDA-graph replays (kernels only)")
     ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap: --compare and --ss2d "
                                                  "then use those kernels (also after --sweep: its best)")
@@ -442,6 +486,8 @@ def main():
         tile_sweep(rows, args.tile_configs)
     if args.step:
         step_sweep(rows, args.repeats)
+    if args.step_blocks:
+        step_blocks(rows)
     if args.segments:
         segments(rows, args.repeats)
     if args.sweep:

@@ -1224,7 +1224,7 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # training 11-21 % slower (benchmarks/README.md).
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
-               "segs_fwd": 0, "segs_bwd": 0, "small_n": False}
+               "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8}
 
 
 def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every: int, forced: int = 0,
@@ -1256,22 +1256,23 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     path = CONFIG_OVERRIDE.get("path")
     conf = dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))
     small = bn < 8 and (conf["small_n"] or path == "step")  # N < 8: one (channel, state) pair per lane
-    bd = 32 // bn if small else 8
-    if any_fixed or spatial or (bn < 8 and not small) or bn > 32 or path in ("tile", "time") or gdims % bd:
+    bd, bdb = (32 // bn, 32 // bn) if small else (conf["bd_fwd"], conf["bd_bwd"])
+    if (any_fixed or spatial or (bn < 8 and not small) or bn > 32 or path in ("tile", "time") or gdims % bd
+            or gdims % bdb):
         return None
     nsub = conf["nsub"]
     sms = _sm_count(device)
     target = CONFIG_OVERRIDE.get("min_programs", 5 * sms)
-    if nsub == 2 and (gdims % (2 * bd) or (dim // (2 * bd)) * batch < target):
+    if nsub == 2 and (gdims % (2 * bdb) or (dim // (2 * bdb)) * batch < target):
         nsub = 1
     n_chunks = triton.cdiv(length, 4)
     every = conf["save_every"]
     gpu = device.type == "cuda"  # under the interpreter (tests): only forced counts
     segs_f, per_f = _segments(n_chunks, (dim // bd) * batch, conf["seg_fwd"] * sms * gpu, conf["min_seg_fwd"],
                               every, conf["segs_fwd"], conf["seg_fwd_aim"] * sms * gpu)
-    segs_b, per_b = _segments(n_chunks, (dim // (nsub * bd)) * batch, conf["seg_bwd"] * sms * gpu,
+    segs_b, per_b = _segments(n_chunks, (dim // (nsub * bdb)) * batch, conf["seg_bwd"] * sms * gpu,
                               conf["min_seg"], every, conf["segs_bwd"])
-    return dict(BD=bd, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
+    return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
                 save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f, segs_bwd=segs_b, seg_chunks_bwd=per_b)
 
 
@@ -1420,7 +1421,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         tcfg, scfg = ctx.tcfg, ctx.scfg
         if scfg is not None:
             states, dts = saved
-            span = scfg["NSUB"] * scfg["BD"]  # channels per program
+            span = scfg["NSUB"] * scfg["BD_bwd"]  # channels per program
             q = (dlast.to(cdt).contiguous() if dlast is not None
                  else torch.zeros(batch, dim, n_state, dtype=cdt, device=dev))
             segs, per = scfg["segs_bwd"], scfg["seg_chunks_bwd"]
@@ -1443,10 +1444,10 @@ class SelectiveScanTriton(torch.autograd.Function):
             if segs > 1:
                 seg_g = torch.empty(batch, segs - 1, dim, n_state, dtype=cdt, device=dev)
                 seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=dev)
-                _bwd_local_kernel_s[(dim // scfg["BD"], batch, segs - 1)](
+                _bwd_local_kernel_s[(dim // scfg["BD_bwd"], batch, segs - 1)](
                     A, Cc, z if z is not None else dummy, dts, dout, seg_g, seg_dt,
                     dim, length, n_state, n_chunks, per, segs, ctx.rev_slot, scb, scg, scn, dpg_c,
-                    HAS_Z=z is not None, FP64=fp64, BD=scfg["BD"], BN=bn, REV=bool(ctx.rev_slot), num_warps=1,
+                    HAS_Z=z is not None, FP64=fp64, BD=scfg["BD_bwd"], BN=bn, REV=bool(ctx.rev_slot), num_warps=1,
                 )
             _bwd_kernel_s[(dim // span, batch, segs)](
                 u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy,
@@ -1455,7 +1456,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                 dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
                 dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, per, segs, batch, ctx.rev_slot,
                 *strides, **step_opts,
-                B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD"], BN=bn, NSUB=scfg["NSUB"],
+                B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD_bwd"], BN=bn, NSUB=scfg["NSUB"],
                 NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], REV=bool(ctx.rev_slot), num_warps=1,
             )
             dB = dB.sum(0) if b_parts > 1 else dB
