@@ -226,6 +226,11 @@ STEP_CASES = [
     pytest.param(2, 32, 23, 16, 2, ALL, {"bd_fwd": 2, "bd_bwd": 4}, id="blocks-2-4-groups"),
     pytest.param(1, 32, 19, 16, 1, dict(ALL, with_z=False), {"bd_fwd": 16, "bd_bwd": 2, "segs_fwd": 2, "segs_bwd": 2},
                  id="blocks-16-2-segments"),
+    # dt recomputed from delta in the backward instead of stored by the forward (store_dt off)
+    pytest.param(1, 16, 21, 16, 1, ALL, {"store_dt": False}, id="dt-recomputed"),
+    pytest.param(2, 16, 37, 16, 1, ALL, {"store_dt": False, "segs_fwd": 3, "segs_bwd": 2}, id="dt-recomputed-segments"),
+    pytest.param(1, 32, 13, 12, 1, dict(NONE, last_state=True), {"store_dt": False, "nsub": 1},
+                 id="dt-recomputed-bare"),
 ]
 
 

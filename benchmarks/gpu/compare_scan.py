@@ -298,8 +298,8 @@ STEP_TRAIN_SHAPES = ([(24, d, length, 16, torch.bfloat16) for d, length in ((192
                                                                              (1536, 64))]
                      + [(10, d, length, 16, torch.bfloat16) for d, length in ((192, 12544), (384, 3136), (768, 784))]
                      + [(24, 192, 4096, 16, torch.float32), (10, 192, 12544, 16, torch.float32)])
-STEP_FWD_BLOCKS = [2, 4, 16]
-STEP_BWD_BLOCKS = [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (16, 1)]  # (channels per block, blocks per program)
+STEP_FWD_BLOCKS = [2, 4]
+STEP_BWD_BLOCKS = [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1)]  # (channels per block, blocks per program)
 
 
 def step_blocks(rows):

@@ -692,7 +692,7 @@ def _fwd_kernel_s(
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr, REV: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr, REV: tl.constexpr, STORE_DT: tl.constexpr,
 ):
     # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (BD channels, BN states, 4 steps)
     # with the time axis last: the loads of B and C (broadcast over the channels) are contiguous 4-step
@@ -766,7 +766,8 @@ def _fwd_kernel_s(
             if c % SAVE_EVERY == 0:
                 tl.store(states_ptr + ((pid_b * n_saved + c // SAVE_EVERY) * dim + dd) * n_state + nn * st_n,
                          h[:, :, None], mask=mask_n)
-            tl.store(dts_ptr + row + t, dt, mask=mask_t)
+            if STORE_DT:
+                tl.store(dts_ptr + row + t, dt, mask=mask_t)
         a0, a1, a2, a3 = _split4(tl.exp2(dt * A2), BD, BN)
         b0, b1, b2, b3 = _split4((dt * u) * tl.load(B_ptr + b_off + t, mask=mnt, other=0.0).to(CDT), BD, BN)
         if REV:  # into time order
@@ -798,12 +799,30 @@ def _fwd_kernel_s(
 
 
 @triton.jit
-def _s_recompute(h, A2, row, urow, t, p, L, u_ptr, dts_ptr, Bv, CDT: tl.constexpr):
+def _s_dt(dts_ptr, off, m, bias, DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+          CDT: tl.constexpr):
+    # the step size dt at off: stored by the forward (float32), or recomputed from delta (+ bias,
+    # softplus) as the forward computed it; 0 where masked
+    if DT_STORED:
+        dt = tl.load(dts_ptr + off, mask=m, other=0.0)
+    else:
+        dt = tl.load(dts_ptr + off, mask=m, other=0.0).to(CDT)
+        if HAS_BIAS:
+            dt = dt + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m, dt, 0.0)
+    return dt
+
+
+@triton.jit
+def _s_recompute(h, A2, row, urow, t, p, L, u_ptr, dts_ptr, Bv, bias, DT_STORED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
     # one step of the forward recurrence from the state h before it: (a h, the new state, a, u, dt);
     # step t lies at memory position p
     m = (row * 0 + t) < L  # a tensor mask (under the interpreter t is a Python int)
     u = tl.load(u_ptr + urow + p, mask=m, other=0.0).to(CDT)
-    dt = tl.load(dts_ptr + row + p, mask=m, other=0.0)
+    dt = _s_dt(dts_ptr, row + p, m, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
     a = tl.exp2(dt * A2)
     ah = a * h
     return ah, ah + (dt * u) * Bv, a, u, dt
@@ -852,11 +871,12 @@ def _s_adjoint(
 
 @triton.jit
 def _s_block(
-    g, dA, dD, dbias, A, Dv, d0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
+    g, dA, dD, dbias, A, Dv, bias, d0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
     B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
     u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-    BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CDT: tl.constexpr, SAVE_EVERY: tl.constexpr, REV: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CDT: tl.constexpr, SAVE_EVERY: tl.constexpr, REV: tl.constexpr,
+    DT_STORED: tl.constexpr,
 ):
     # one block of BD channels through one 4-step chunk: the states from the stored state (advanced
     # over the chunks since it, when the forward stored every SAVE_EVERY-th), then the adjoint steps in
@@ -878,15 +898,20 @@ def _s_block(
                 tk = k * 4 + j
                 pk = _rev_pos(tk, L, rv, REV)
                 Bk = _s_load_bc(B_ptr, b_full, tk, pk, L, mask_n, CDT)
-                _, h, _, _, _ = _s_recompute(h, A2, row, urow, tk, pk, L, u_ptr, dts_ptr, Bk, CDT)
+                _, h, _, _, _ = _s_recompute(h, A2, row, urow, tk, pk, L, u_ptr, dts_ptr, Bk, bias, DT_STORED,
+                                             HAS_BIAS, SOFTPLUS, CDT)
     p0 = _rev_pos(t0, L, rv, REV)
     p1 = _rev_pos(t0 + 1, L, rv, REV)
     p2 = _rev_pos(t0 + 2, L, rv, REV)
     p3 = _rev_pos(t0 + 3, L, rv, REV)
-    ah0, h0, a0, u0, dt0 = _s_recompute(h, A2, row, urow, t0, p0, L, u_ptr, dts_ptr, B0, CDT)
-    ah1, h1, a1, u1, dt1 = _s_recompute(h0, A2, row, urow, t0 + 1, p1, L, u_ptr, dts_ptr, B1, CDT)
-    ah2, h2, a2, u2, dt2 = _s_recompute(h1, A2, row, urow, t0 + 2, p2, L, u_ptr, dts_ptr, B2, CDT)
-    ah3, h3, a3, u3, dt3 = _s_recompute(h2, A2, row, urow, t0 + 3, p3, L, u_ptr, dts_ptr, B3, CDT)
+    ah0, h0, a0, u0, dt0 = _s_recompute(h, A2, row, urow, t0, p0, L, u_ptr, dts_ptr, B0, bias,
+                                        DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
+    ah1, h1, a1, u1, dt1 = _s_recompute(h0, A2, row, urow, t0 + 1, p1, L, u_ptr, dts_ptr, B1, bias,
+                                        DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
+    ah2, h2, a2, u2, dt2 = _s_recompute(h1, A2, row, urow, t0 + 2, p2, L, u_ptr, dts_ptr, B2, bias,
+                                        DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
+    ah3, h3, a3, u3, dt3 = _s_recompute(h2, A2, row, urow, t0 + 3, p3, L, u_ptr, dts_ptr, B3, bias,
+                                        DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
     g, pB3, pC3, dA, dD, dbias = _s_adjoint(g, ah3, h3, a3, u3, dt3, B3, C3, A, Dv, row, t0 + 3, p3, L, z_ptr, dout_ptr,
                                             du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
     g, pB2, pC2, dA, dD, dbias = _s_adjoint(g, ah2, h2, a2, u2, dt2, B2, C2, A, Dv, row, t0 + 2, p2, L, z_ptr, dout_ptr,
@@ -918,10 +943,11 @@ def _s_put(ptr, off, first, t, p, L, mask_n, val, ATOMIC: tl.constexpr):
 
 @triton.jit
 def _bwd_local_kernel_s(
-    A_ptr, C_ptr, z_ptr, dts_ptr, dout_ptr, seg_g_ptr, seg_dt_ptr,
+    A_ptr, C_ptr, z_ptr, dts_ptr, bias_ptr, dout_ptr, seg_g_ptr, seg_dt_ptr,
     dim, L, n_state, n_chunks, seg_chunks, n_segs, slot,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_Z: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, REV: tl.constexpr,
+    DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     # The backward's local pass over time segment s + 1 (s = program axis 2): the adjoint recurrence
     # g <- a[t] (C[t] dy[t] + g) walked back over the segment from g = 0, and the segment's summed dt.
@@ -936,6 +962,9 @@ def _bwd_local_kernel_s(
     nn = tl.arange(0, BN)[None, :]
     mask_n = nn < n_state
     A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
+    bias = tl.full((BD, 1), 0.0, dtype=CDT)
+    if HAS_BIAS and not DT_STORED:
+        bias = tl.load(bias_ptr + dd).to(CDT)
     row = (pid_b * dim + dd).to(tl.int64) * L
     rv = d0 < 0  # False
     if REV:
@@ -955,7 +984,7 @@ def _bwd_local_kernel_s(
             if HAS_Z:
                 zv = tl.load(z_ptr + row + p, mask=m, other=0.0).to(CDT)
                 dy = dy * zv / (1.0 + tl.exp(-zv))
-            dt = tl.load(dts_ptr + row + p, mask=m, other=0.0)
+            dt = _s_dt(dts_ptr, row + p, m, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
             sdt += dt
             g = tl.exp2(dt * A2) * (dy * _s_load_bc(C_ptr, c_full, t, p, L, mask_n, CDT) + g)
     seg = (pid_b * (n_segs - 1) + pid_s) * dim + dd
@@ -978,7 +1007,7 @@ def _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A, pid_b, pid_s, n_segs, dim, dd, n_s
 
 @triton.jit(do_not_specialize=["st_n"])
 def _bwd_kernel_s(
-    u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+    u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     states_ptr, dts_ptr, dout_ptr, q_ptr, seg_g_ptr, seg_dt_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
     dim, L, n_state, n_chunks, n_saved, st_n, part_b, part_c, seg_chunks, n_segs, n_batch, slot,
@@ -987,7 +1016,7 @@ def _bwd_kernel_s(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr, SAVE_EVERY: tl.constexpr,
-    REV: tl.constexpr,
+    REV: tl.constexpr, DT_STORED: tl.constexpr,
 ):
     # "step" backward. Per-step (BD, BN) tiles: nothing has a time axis, so the layout is the same
     # everywhere (8 channel lanes x 4 state lanes, BN / 4 states in each thread) and both recurrences
@@ -1033,6 +1062,9 @@ def _bwd_kernel_s(
     D_a = tl.full((BD, 1), 0.0, dtype=CDT)
     if HAS_D:
         D_a = tl.load(D_ptr + da).to(CDT)
+    bias_a = tl.full((BD, 1), 0.0, dtype=CDT)
+    if HAS_BIAS and not DT_STORED:
+        bias_a = tl.load(bias_ptr + da).to(CDT)
     g_a = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_a, pid_b, pid_s, n_segs, dim, da, n_state, nn, mask_n)
     dA_a = tl.full((BD, BN), 0.0, dtype=CDT)
     dD_a = tl.full((BD, 1), 0.0, dtype=CDT)
@@ -1043,6 +1075,9 @@ def _bwd_kernel_s(
         D_b = tl.full((BD, 1), 0.0, dtype=CDT)
         if HAS_D:
             D_b = tl.load(D_ptr + db2).to(CDT)
+        bias_b = tl.full((BD, 1), 0.0, dtype=CDT)
+        if HAS_BIAS and not DT_STORED:
+            bias_b = tl.load(bias_ptr + db2).to(CDT)
         g_b = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_b, pid_b, pid_s, n_segs, dim, db2, n_state, nn, mask_n)
         dA_b = tl.full((BD, BN), 0.0, dtype=CDT)
         dD_b = tl.full((BD, 1), 0.0, dtype=CDT)
@@ -1065,17 +1100,17 @@ def _bwd_kernel_s(
         C2 = _s_load_bc(C_ptr, c_full, t0 + 2, q2, L, mask_n, CDT)
         C3 = _s_load_bc(C_ptr, c_full, t0 + 3, q3, L, mask_n, CDT)
         g_a, dA_a, dD_a, db_a, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3 = _s_block(
-            g_a, dA_a, dD_a, db_a, A_a, D_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
+            g_a, dA_a, dD_a, db_a, A_a, D_a, bias_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
             B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
             u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-            BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY, REV)
+            BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED)
         if NSUB == 2:
             g_b, dA_b, dD_b, db_b, qB0, qB1, qB2, qB3, qC0, qC1, qC2, qC3 = _s_block(
-                g_b, dA_b, dD_b, db_b, A_b, D_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot,
-                rv,
+                g_b, dA_b, dD_b, db_b, A_b, D_b, bias_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
+                slot, rv,
                 B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
                 u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-                BD, BN, HAS_D, HAS_Z, SOFTPLUS, CDT, SAVE_EVERY, REV)
+                BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED)
             pB0, pB1, pB2, pB3 = pB0 + qB0, pB1 + qB1, pB2 + qB2, pB3 + qB3
             pC0, pC1, pC2, pC3 = pC0 + qC0, pC1 + qC1, pC2 + qC2, pC3 + qC3
         _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC)
@@ -1222,9 +1257,20 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # warp's lanes hold one (channel, state) pair each; off, the tile kernels take N < 8: at MSVM-UNet's
 # batch-32 scans on an H100 the step kernels were 2.3-4x slower (fwd+bwd, every variant) and its
 # training 11-21 % slower (benchmarks/README.md).
+# "bd_fwd" / "bd_bwd": channels per block of the forward / backward at N >= 8 (one warp: 8 channel lanes x
+# 4 state lanes at 8 x 16). Swept on an H100 at Mamba-HUNet's and MSSMamba's N = 16 training scans
+# (benchmarks/gpu/compare_scan.py --step-blocks): 8-channel blocks, 2 per backward program, were fastest
+# overall (weighted by the networks' blocks: forward 35.6 against 54.7 / 100.3 ms for 4 / 2 channels,
+# backward 117.8 against 142.1 for 4 x 2 and 142.2 for 8 x 1); smaller blocks give more programs but
+# repeat every per-channel load and per-state reduction in more lanes.
+# "store_dt": the forward stores dt (after bias and softplus, float32) for the backward; off, the
+# backward recomputes it from delta. Off saves 4 bytes per channel and step (Mamba-HUNet bf16 training:
+# 12.1 -> 10.2 GiB) but the softplus per step made the backward 30-40 % slower and training 24 % slower
+# (203.0 -> 153.8 images/s, H100): kept on.
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
-               "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8}
+               "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
+               "store_dt": True}
 
 
 def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every: int, forced: int = 0,
@@ -1246,10 +1292,10 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     """Launch parameters of the step kernels, or None where they do not apply.
 
     They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
-    mode, when 8-channel blocks fit the groups; with ``STEP_CONFIG["small_n"]`` (or the path override
-    ``"step"``) also to N < 8, in blocks of 32 / N channels. Returns dict(BD,
-    NSUB, dbc, stages_fwd, stages_bwd, save_every, segs_fwd, seg_chunks_fwd, segs_bwd,
-    seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a group and the grid keeps at least
+    mode, when the channel blocks (``STEP_CONFIG`` ``bd_fwd`` / ``bd_bwd``, 8) fit the groups; with
+    ``STEP_CONFIG["small_n"]`` (or the path override ``"step"``) also to N < 8, in blocks of 32 / N
+    channels. Returns dict(BD, BD_bwd, NSUB, store_dt, dbc, stages_fwd, stages_bwd, save_every, segs_fwd,
+    seg_chunks_fwd, segs_bwd, seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a group and the grid keeps at least
     ``min_programs`` (default 5 per multiprocessor) programs, else 1.
     """
     bn = triton.next_power_of_2(n_state)
@@ -1272,7 +1318,8 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
                               every, conf["segs_fwd"], conf["seg_fwd_aim"] * sms * gpu)
     segs_b, per_b = _segments(n_chunks, (dim // (nsub * bdb)) * batch, conf["seg_bwd"] * sms * gpu,
                               conf["min_seg"], every, conf["segs_bwd"])
-    return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
+    return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, store_dt=conf["store_dt"], dbc=conf["dbc"],
+                stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
                 save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f, segs_bwd=segs_b, seg_chunks_bwd=per_b)
 
 
@@ -1335,7 +1382,8 @@ class SelectiveScanTriton(torch.autograd.Function):
                 n_chunks = triton.cdiv(length, bl)
                 n_saved = triton.cdiv(n_chunks, every)
                 states = torch.empty(batch, n_saved, dim, n_state, dtype=cdt, device=u.device) if save else last
-                dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if save else last
+                store_dt = save and scfg["store_dt"]
+                dts = torch.empty(batch, dim, length, dtype=cdt, device=u.device) if store_dt else last
                 step_opts = {k: v for k, v in opts.items() if k != "SPATIAL"}
                 segs, per = scfg["segs_fwd"], scfg["seg_chunks_fwd"]
                 if segs > 1:
@@ -1348,7 +1396,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                         u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
                         dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, **step_opts,
                         BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local,
-                        REV=bool(rev_slot), num_warps=1,
+                        REV=bool(rev_slot), STORE_DT=store_dt, num_warps=1,
                     )
                 saved = (states, dts)
             elif tcfg is not None:
@@ -1421,6 +1469,10 @@ class SelectiveScanTriton(torch.autograd.Function):
         tcfg, scfg = ctx.tcfg, ctx.scfg
         if scfg is not None:
             states, dts = saved
+            if not scfg["store_dt"]:  # recomputed from delta
+                dts = delta
+            dt_opts = dict(DT_STORED=scfg["store_dt"], HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus)
+            bias = delta_bias if delta_bias is not None else dummy
             span = scfg["NSUB"] * scfg["BD_bwd"]  # channels per program
             q = (dlast.to(cdt).contiguous() if dlast is not None
                  else torch.zeros(batch, dim, n_state, dtype=cdt, device=dev))
@@ -1445,19 +1497,21 @@ class SelectiveScanTriton(torch.autograd.Function):
                 seg_g = torch.empty(batch, segs - 1, dim, n_state, dtype=cdt, device=dev)
                 seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=dev)
                 _bwd_local_kernel_s[(dim // scfg["BD_bwd"], batch, segs - 1)](
-                    A, Cc, z if z is not None else dummy, dts, dout, seg_g, seg_dt,
+                    A, Cc, z if z is not None else dummy, dts, bias, dout, seg_g, seg_dt,
                     dim, length, n_state, n_chunks, per, segs, ctx.rev_slot, scb, scg, scn, dpg_c,
-                    HAS_Z=z is not None, FP64=fp64, BD=scfg["BD_bwd"], BN=bn, REV=bool(ctx.rev_slot), num_warps=1,
+                    HAS_Z=z is not None, FP64=fp64, BD=scfg["BD_bwd"], BN=bn, REV=bool(ctx.rev_slot), **dt_opts,
+                    num_warps=1,
                 )
             _bwd_kernel_s[(dim // span, batch, segs)](
-                u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy,
+                u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy, bias,
                 states, dts, dout, q, seg_g, seg_dt,
                 du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
                 dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
                 dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, per, segs, batch, ctx.rev_slot,
                 *strides, **step_opts,
                 B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD_bwd"], BN=bn, NSUB=scfg["NSUB"],
-                NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], REV=bool(ctx.rev_slot), num_warps=1,
+                NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], REV=bool(ctx.rev_slot),
+                DT_STORED=scfg["store_dt"], num_warps=1,
             )
             dB = dB.sum(0) if b_parts > 1 else dB
             dC = dC.sum(0) if c_parts > 1 else dC
