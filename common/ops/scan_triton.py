@@ -816,6 +816,16 @@ def _s_dt(dts_ptr, off, m, bias, DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
+def _s_channel(ptr, dd, BD: tl.constexpr, LOAD: tl.constexpr, CDT: tl.constexpr):
+    # a per-channel parameter (D, delta_bias) of the channels dd as a (BD, 1) tile; zeros where it is
+    # absent or not needed
+    v = tl.full((BD, 1), 0.0, dtype=CDT)
+    if LOAD:
+        v = tl.load(ptr + dd).to(CDT)
+    return v
+
+
+@triton.jit
 def _s_recompute(h, A2, row, urow, t, p, L, u_ptr, dts_ptr, Bv, bias, DT_STORED: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr):
     # one step of the forward recurrence from the state h before it: (a h, the new state, a, u, dt);
@@ -962,9 +972,7 @@ def _bwd_local_kernel_s(
     nn = tl.arange(0, BN)[None, :]
     mask_n = nn < n_state
     A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
-    bias = tl.full((BD, 1), 0.0, dtype=CDT)
-    if HAS_BIAS and not DT_STORED:
-        bias = tl.load(bias_ptr + dd).to(CDT)
+    bias = _s_channel(bias_ptr, dd, BD, HAS_BIAS and not DT_STORED, CDT)
     row = (pid_b * dim + dd).to(tl.int64) * L
     rv = d0 < 0  # False
     if REV:
@@ -1059,12 +1067,8 @@ def _bwd_kernel_s(
     first = dl == 0
     da = p0 + dl
     A_a = tl.load(A_ptr + da * n_state + nn, mask=mask_n, other=0.0).to(CDT)
-    D_a = tl.full((BD, 1), 0.0, dtype=CDT)
-    if HAS_D:
-        D_a = tl.load(D_ptr + da).to(CDT)
-    bias_a = tl.full((BD, 1), 0.0, dtype=CDT)
-    if HAS_BIAS and not DT_STORED:
-        bias_a = tl.load(bias_ptr + da).to(CDT)
+    D_a = _s_channel(D_ptr, da, BD, HAS_D, CDT)
+    bias_a = _s_channel(bias_ptr, da, BD, HAS_BIAS and not DT_STORED, CDT)
     g_a = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_a, pid_b, pid_s, n_segs, dim, da, n_state, nn, mask_n)
     dA_a = tl.full((BD, BN), 0.0, dtype=CDT)
     dD_a = tl.full((BD, 1), 0.0, dtype=CDT)
@@ -1072,12 +1076,8 @@ def _bwd_kernel_s(
     if NSUB == 2:
         db2 = p0 + BD + dl
         A_b = tl.load(A_ptr + db2 * n_state + nn, mask=mask_n, other=0.0).to(CDT)
-        D_b = tl.full((BD, 1), 0.0, dtype=CDT)
-        if HAS_D:
-            D_b = tl.load(D_ptr + db2).to(CDT)
-        bias_b = tl.full((BD, 1), 0.0, dtype=CDT)
-        if HAS_BIAS and not DT_STORED:
-            bias_b = tl.load(bias_ptr + db2).to(CDT)
+        D_b = _s_channel(D_ptr, db2, BD, HAS_D, CDT)
+        bias_b = _s_channel(bias_ptr, db2, BD, HAS_BIAS and not DT_STORED, CDT)
         g_b = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_b, pid_b, pid_s, n_segs, dim, db2, n_state, nn, mask_n)
         dA_b = tl.full((BD, BN), 0.0, dtype=CDT)
         dD_b = tl.full((BD, 1), 0.0, dtype=CDT)
