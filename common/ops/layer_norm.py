@@ -13,8 +13,9 @@ dtype asked for, with a Triton backward (:mod:`common.ops.layer_norm_triton`). I
 under ``TRITON_INTERPRET=1``, for tests); elsewhere it is :func:`layer_norm_channels_ref`, the
 PyTorch composition, with the same arguments and result.
 
-Where the networks use it is :data:`SCOPE` (``COMMON_CHANNEL_NORM``); off by default until timed on
-the device (benchmarks/README.md, "Channel LayerNorm kernels for training").
+Where the networks use it is :data:`SCOPE` (``COMMON_CHANNEL_NORM``); off by default: timed on an H100,
+MSVM-UNet trains 5-6 % slower with it (benchmarks/README.md, "Channel LayerNorm kernels for training"
+and the sections after it).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ SCOPES = ("all", "linear_inference", "off")
 # training included); "linear_inference" (the default: none of them; an nn.LayerNorm before a linear
 # layer where no gradient is needed takes common.ops.ss2d_io.layer_norm_cast, the kernel timed on the
 # H200), or "off" (PyTorch's norms only). Benchmarks and tests set it; users may choose with the
-# COMMON_CHANNEL_NORM environment variable. "all" becomes the default once these kernels have been run
-# and timed on the device (benchmarks/gpu/bench_trainer.py --norms both), which has not happened yet.
+# COMMON_CHANNEL_NORM environment variable. "all" stays opt-in: on an H100 (2026-12-06) MSVM-UNet trained
+# 5-6 % slower with it (benchmarks/gpu/bench_trainer.py --norms both), the depth-wise convolutions after
+# the norms then running PyTorch's channel-first kernels.
 SCOPE = os.environ.get(SCOPE_ENV, "linear_inference")
 
 

@@ -94,7 +94,10 @@ def _ln_bwd_kernel(x_ptr, w_ptr, g_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_p
         p = ps[None, :]
         m = cm & (p < P)
         x = tl.load(x_ptr + bi * sxb + c * sxc + p * sxp, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + bi * sgb + c * sgc + p * sgp, mask=m, other=0.0).to(tl.float32)
+        # zeroed explicitly where masked: on an H100 (Triton 3.6) the masked elements of this load came
+        # back non-zero with the channels contiguous and a tile wider than the positions left (a norm
+        # over the last axis), which made the bias gradient (a sum of g over positions) wrong
+        g = tl.where(m, tl.load(g_ptr + bi * sgb + c * sgc + p * sgp, mask=m, other=0.0).to(tl.float32), 0.0)
         mean = tl.load(mean_ptr + bi * P + ps, mask=ps < P, other=0.0)
         rstd = tl.load(rstd_ptr + bi * P + ps, mask=ps < P, other=0.0)
         xhat = tl.where(m, (x - mean[None, :]) * rstd[None, :], 0.0)
