@@ -265,6 +265,24 @@ def test_step_kernels(interpreter, batch, dim, length, n, groups, opts, step):
     compare(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("store_dt", [True, False])
+def test_step_backward_keeps_delta_only_to_recompute_dt(interpreter, store_dt):
+    # with dt stored by the forward (the default) the backward never reads delta, so the autograd
+    # node does not keep it alive (2-4 bytes per channel and step of training memory)
+    interpreter.CONFIG_OVERRIDE.update(step={"store_dt": store_dt})
+    shape = (1, 1, 16, 9)
+    inputs = make_inputs(1, 16, 9, 16, b_shape=shape, c_shape=shape)
+    grads = []
+    for fn in (interpreter.selective_scan_triton, selective_scan_ref):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves, True)
+        if fn is not selective_scan_ref:
+            assert (out.grad_fn.saved_tensors[1] is None) == store_dt
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=out.device)).view_as(out))
+        grads.append(leaves[1].grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
 def test_step_segments_policy(interpreter):
     # split where the channels give too few programs, by powers of two, never below min_seg chunks
     seg = interpreter._segments

@@ -1421,7 +1421,11 @@ class SelectiveScanTriton(torch.autograd.Function):
                 )
                 saved = (states,)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *saved)
+            # delta itself only where the backward reads it: the step kernels with dt stored and the
+            # time-in-thread kernels read the stored dt instead (2-4 bytes per channel and step less)
+            keep_delta = tcfg is None and (scfg is None or not scfg["store_dt"])
+            ctx.save_for_backward(u, delta if keep_delta else None, A, B, C, D, z, delta_bias, *saved)
+            ctx.delta_meta = (tuple(delta.shape), delta.dtype)
             ctx.delta_softplus = bool(delta_softplus)
             ctx.fwd_chunk = bl
             ctx.tcfg = tcfg
@@ -1437,8 +1441,8 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, *saved = ctx.saved_tensors
-        batch, dim, length = delta.shape
+        u, delta, A, B, C, D, z, delta_bias, *saved = ctx.saved_tensors  # delta None where not needed
+        (batch, dim, length), delta_dtype = ctx.delta_meta
         n_state = A.shape[1]
         bn = triton.next_power_of_2(n_state)
         fp64 = u.dtype == torch.float64
@@ -1459,9 +1463,9 @@ class SelectiveScanTriton(torch.autograd.Function):
                     dbias.to(delta_bias.dtype) if delta_bias is not None else None, None, None, None, None)
         bl = ctx.fwd_chunk  # the backward walks the forward's chunks (their entering states are stored)
         n_chunks = triton.cdiv(length, bl)
-        dout = torch.zeros_like(delta, dtype=u.dtype) if dout is None else dout.contiguous()
-        du = torch.empty_like(delta, dtype=u.dtype)  # per direction when fused, summed below
-        ddelta = torch.empty_like(delta)
+        dout = torch.zeros((batch, dim, length), dtype=u.dtype, device=dev) if dout is None else dout.contiguous()
+        du = torch.empty((batch, dim, length), dtype=u.dtype, device=dev)  # per direction when fused, summed below
+        ddelta = torch.empty((batch, dim, length), dtype=delta_dtype, device=dev)
         dz = torch.empty_like(z) if z is not None else None
         dummy = u
         opts = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
