@@ -648,17 +648,17 @@ def _bwd_kernel_t(
 
 
 @triton.jit
-def _split4(x, P: tl.constexpr, Q: tl.constexpr):
+def _split4(x):
     # the four steps of a (P, Q, 4) chunk tile whose time axis lies inside each thread
-    lo, hi = tl.split(tl.reshape(x, (P, Q, 2, 2)))
+    lo, hi = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], 2, 2)))
     x0, x2 = tl.split(lo)
     x1, x3 = tl.split(hi)
     return x0, x1, x2, x3
 
 
 @triton.jit
-def _join4(x0, x1, x2, x3, P: tl.constexpr, Q: tl.constexpr):
-    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (P, Q, 4))
+def _join4(x0, x1, x2, x3):
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (x0.shape[0], x0.shape[1], 4))
 
 
 @triton.jit
@@ -683,6 +683,33 @@ def _rev_pos(t, L, rv, REV: tl.constexpr):
         return t
 
 
+@triton.jit
+def _s_fwd_pos(c, tt, L, rv, REV: tl.constexpr):
+    # the memory positions of chunk c's 4 steps (a backward block's chunk c: L - 4 - 4c + (0..3), walked
+    # in reverse in registers) and their mask
+    if REV:
+        t = tl.where(rv, L - 4 - c * 4, c * 4) + tt
+        return t, (t >= 0) & (t < L)
+    else:
+        t = c * 4 + tt
+        return t, t < L
+
+
+@triton.jit
+def _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c, tt, mask_n, L, rv, REV: tl.constexpr,
+                 LOCAL: tl.constexpr):
+    # chunk c's u, delta, B and C (C not in the local pass: B again), as stored; zeros past the ends
+    t, mask_t = _s_fwd_pos(c, tt, L, rv, REV)
+    mnt = mask_n & mask_t
+    u = tl.load(u_ptr + urow + t, mask=mask_t, other=0.0)
+    dt = tl.load(dt_ptr + row + t, mask=mask_t, other=0.0)
+    Bv = tl.load(B_ptr + b_off + t, mask=mnt, other=0.0)
+    Cv = Bv
+    if not LOCAL:
+        Cv = tl.load(C_ptr + c_off + t, mask=mnt, other=0.0)
+    return u, dt, Bv, Cv
+
+
 @triton.jit(do_not_specialize=["st_n"])
 def _fwd_kernel_s(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
@@ -692,15 +719,22 @@ def _fwd_kernel_s(
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr, REV: tl.constexpr, STORE_DT: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr, REV: tl.constexpr, STORE_DT: tl.constexpr, SA: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (BD channels, BN states, 4 steps)
-    # with the time axis last: the loads of B and C (broadcast over the channels) are contiguous 4-step
-    # vectors, so Triton's coalescing gives each thread the 4 steps of BN / 4 states of one channel,
-    # the lanes spread over 8 channels x 4 state groups, the layout the rest follows. The 4-step scan
-    # is written out on the split tile, in registers; y = C h is summed over the states in the thread
-    # and over the state lanes. With a backward to come, the state entering every SAVE_EVERY-th chunk
-    # and the step sizes dt (after bias and softplus) are stored.
+    # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (channels, states, 4 steps) (SA = 1)
+    # or (states, channels, 4 steps) (SA = 0), the time axis last: the loads of B and C (broadcast over
+    # the channels) are contiguous 4-step vectors, and the layout wanted gives each thread the 4 steps of
+    # BN / 4 states of one channel, the lanes spread over 8 channels x 4 state groups, so that y = C h is
+    # summed over the states in the thread and over 2 rounds of shuffles. Triton's coalescing decides
+    # which of the two equally contiguous axes (channels, stride 0; states, stride L) gets the lanes
+    # first, and Triton 3.6 and 3.7+ decide it the other way round: SA is chosen per version
+    # (_STATE_AXIS), as with the wrong axis 16 lanes share the states (64 shuffles per 4-step chunk
+    # instead of 8; offline sm_90 SASS, benchmarks/README.md). The 4-step scan is written out on the
+    # split tile, in registers. With a backward to come, the state entering every SAVE_EVERY-th chunk
+    # and the step sizes dt (after bias and softplus) are stored; the state from a 2-D pointer tile,
+    # whose layout is the recurrence's own (from a 3-D one, Triton 3.6 computed the bf16 recurrence
+    # twice, once in the store's layout).
     #
     # Time segments (grid axis 2; n_segs > 1 where the channels alone give too few programs): program
     # s walks the chunks [s * seg_chunks, (s + 1) * seg_chunks). With LOCAL, it only scans its segment
@@ -718,10 +752,12 @@ def _fwd_kernel_s(
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     d0 = pid_d * BD
-    dd = d0 + tl.arange(0, BD)[:, None, None]
-    nn = tl.arange(0, BN)[None, :, None]
+    nn = tl.expand_dims(tl.expand_dims(tl.arange(0, BN), 1 - SA), 2)  # the states on axis SA
+    dd = d0 + tl.expand_dims(tl.expand_dims(tl.arange(0, BD), SA), 2)  # the channels on the other
     tt = tl.arange(0, BL)[None, None, :]
     mask_n = nn < n_state
+    n2 = tl.expand_dims(tl.arange(0, BN), 1 - SA)  # the state tile's indices
+    d2 = d0 + tl.expand_dims(tl.arange(0, BD), SA)
     A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
     if HAS_D:
         Dv = tl.load(D_ptr + dd).to(CDT)
@@ -737,24 +773,28 @@ def _fwd_kernel_s(
     c_off = pid_b * sc_batch + (d0 // dpg_c) * sc_group + nn * sc_n + 0 * dd
     c_lo = pid_s * seg_chunks
     c_hi = tl.minimum(n_chunks, c_lo + seg_chunks)
-    h3 = tl.full((BD, BN, 1), 0.0, dtype=CDT)
+    h3 = (nn * 0 + dd * 0).to(CDT)
     if not LOCAL:
         for j in range(0, pid_s):  # the state entering the segment, from the local passes before it
             seg = (pid_b * (n_segs - 1) + j) * dim + dd
             h3 = (tl.exp2(tl.load(seg_dt_ptr + seg) * A2) * h3
                   + tl.load(seg_h_ptr + seg * n_state + nn, mask=mask_n, other=0.0))
-    h = tl.reshape(h3, (BD, BN))
-    sdt = tl.full((BD, 1, 1), 0.0, dtype=CDT)
+    h = tl.reshape(h3, (h3.shape[0], h3.shape[1]))
+    sdt = (dd * 0).to(CDT)
+    if PREFETCH:  # the first chunk's inputs
+        u_n, dt_n, B_n, C_n = _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c_lo, tt, mask_n, L,
+                                           rv, REV, LOCAL)
     for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
-        if REV:  # the chunk's positions in memory order
-            t = tl.where(rv, L - BL - c * BL, c * BL) + tt
-            mask_t = (t >= 0) & (t < L)
+        t, mask_t = _s_fwd_pos(c, tt, L, rv, REV)
+        if PREFETCH:  # this chunk's inputs came with the last one; the next chunk's loads go out now
+            u_r, dt_r, B_r, C_r = u_n, dt_n, B_n, C_n
+            u_n, dt_n, B_n, C_n = _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c + 1, tt,
+                                               mask_n, L, rv, REV, LOCAL)
         else:
-            t = c * BL + tt
-            mask_t = t < L
-        mnt = mask_n & mask_t
-        u = tl.load(u_ptr + urow + t, mask=mask_t, other=0.0).to(CDT)
-        dt = tl.load(dt_ptr + row + t, mask=mask_t, other=0.0).to(CDT)
+            u_r, dt_r, B_r, C_r = _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c, tt, mask_n,
+                                               L, rv, REV, LOCAL)
+        u = u_r.to(CDT)
+        dt = dt_r.to(CDT)
         if HAS_BIAS:
             dt = dt + bias
         if SOFTPLUS:
@@ -764,12 +804,12 @@ def _fwd_kernel_s(
             sdt += _sum(dt, 2)[:, :, None]
         elif SAVE_STATES:  # (batch, chunk // SAVE_EVERY, dim, N): the state entering the chunk
             if c % SAVE_EVERY == 0:
-                tl.store(states_ptr + ((pid_b * n_saved + c // SAVE_EVERY) * dim + dd) * n_state + nn * st_n,
-                         h[:, :, None], mask=mask_n)
+                tl.store(states_ptr + ((pid_b * n_saved + c // SAVE_EVERY) * dim + d2) * n_state + n2 * st_n, h,
+                         mask=n2 < n_state)
             if STORE_DT:
                 tl.store(dts_ptr + row + t, dt, mask=mask_t)
-        a0, a1, a2, a3 = _split4(tl.exp2(dt * A2), BD, BN)
-        b0, b1, b2, b3 = _split4((dt * u) * tl.load(B_ptr + b_off + t, mask=mnt, other=0.0).to(CDT), BD, BN)
+        a0, a1, a2, a3 = _split4(tl.exp2(dt * A2))
+        b0, b1, b2, b3 = _split4((dt * u) * B_r.to(CDT))
         if REV:  # into time order
             a0, a1, a2, a3 = _flip4(a0, a1, a2, a3, rv)
             b0, b1, b2, b3 = _flip4(b0, b1, b2, b3, rv)
@@ -780,10 +820,10 @@ def _fwd_kernel_s(
         if not LOCAL:
             if REV:  # back into memory order
                 o0, o1, o2, o3 = _flip4(h0, h1, h2, h, rv)
-                hh = _join4(o0, o1, o2, o3, BD, BN)
+                hh = _join4(o0, o1, o2, o3)
             else:
-                hh = _join4(h0, h1, h2, h, BD, BN)
-            y = _sum(hh * tl.load(C_ptr + c_off + t, mask=mnt, other=0.0).to(CDT), 1)[:, None, :]
+                hh = _join4(h0, h1, h2, h)
+            y = tl.expand_dims(_sum(hh * C_r.to(CDT), SA), SA)
             if HAS_D:
                 y = y + u * Dv
             if HAS_Z:
@@ -1066,7 +1106,7 @@ def _bwd_kernel_s(
         c_put = c_full + ((p0 % dpg_c) // (NSUB * BD)).to(tl.int64) * part_c
     first = dl == 0
     da = p0 + dl
-    A_a = tl.load(A_ptr + da * n_state + nn, mask=mask_n, other=0.0).to(CDT)
+    A_a = tl.load(A_ptr + da * n_state + nn * st_n, mask=mask_n, other=0.0).to(CDT)
     D_a = _s_channel(D_ptr, da, BD, HAS_D, CDT)
     bias_a = _s_channel(bias_ptr, da, BD, HAS_BIAS and not DT_STORED, CDT)
     g_a = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_a, pid_b, pid_s, n_segs, dim, da, n_state, nn, mask_n)
@@ -1075,7 +1115,7 @@ def _bwd_kernel_s(
     db_a = tl.full((BD, 1), 0.0, dtype=CDT)
     if NSUB == 2:
         db2 = p0 + BD + dl
-        A_b = tl.load(A_ptr + db2 * n_state + nn, mask=mask_n, other=0.0).to(CDT)
+        A_b = tl.load(A_ptr + db2 * n_state + nn * st_n, mask=mask_n, other=0.0).to(CDT)
         D_b = _s_channel(D_ptr, db2, BD, HAS_D, CDT)
         bias_b = _s_channel(bias_ptr, db2, BD, HAS_BIAS and not DT_STORED, CDT)
         g_b = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_b, pid_b, pid_s, n_segs, dim, db2, n_state, nn, mask_n)
@@ -1267,10 +1307,28 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # backward recomputes it from delta. Off saves 4 bytes per channel and step (Mamba-HUNet bf16 training:
 # 12.1 -> 10.2 GiB) but the softplus per step made the backward 30-40 % slower and training 24 % slower
 # (203.0 -> 153.8 images/s, H100): kept on.
+# "state_axis": the forward tile's state axis (see _fwd_kernel_s): None picks it by the Triton version
+# (_STATE_AXIS); 0 or 1 force it (tests run both). "prefetch_fwd": the forward loads each chunk's
+# inputs one iteration ahead, in registers (Triton's own pipelining, "stages_fwd", stages them in shared
+# memory).
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
-               "store_dt": True}
+               "store_dt": True, "state_axis": None, "prefetch_fwd": True}
+
+
+def _triton_version() -> tuple[int, int]:
+    parts = []
+    for x in triton.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in x if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+# Where two axes of a load are equally contiguous, Triton 3.6's coalescing gives the lanes to the first
+# one and 3.7 onwards to the last (found from offline sm_90 compiles of the step forward with 3.6.0,
+# 3.7.1, 3.8.0 and 3.9.0): the forward's tile puts the channels on that axis
+_STATE_AXIS = 1 if _triton_version() < (3, 7) else 0
 
 
 def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every: int, forced: int = 0,
@@ -1294,9 +1352,9 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
     mode, when the channel blocks (``STEP_CONFIG`` ``bd_fwd`` / ``bd_bwd``, 8) fit the groups; with
     ``STEP_CONFIG["small_n"]`` (or the path override ``"step"``) also to N < 8, in blocks of 32 / N
-    channels. Returns dict(BD, BD_bwd, NSUB, store_dt, dbc, stages_fwd, stages_bwd, save_every, segs_fwd,
-    seg_chunks_fwd, segs_bwd, seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a group and the grid keeps at least
-    ``min_programs`` (default 5 per multiprocessor) programs, else 1.
+    channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, store_dt, dbc, stages_fwd, stages_bwd,
+    save_every, segs_fwd, seg_chunks_fwd, segs_bwd, seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a
+    group and the grid keeps at least ``min_programs`` (default 5 per multiprocessor) programs, else 1.
     """
     bn = triton.next_power_of_2(n_state)
     path = CONFIG_OVERRIDE.get("path")
@@ -1318,8 +1376,9 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
                               every, conf["segs_fwd"], conf["seg_fwd_aim"] * sms * gpu)
     segs_b, per_b = _segments(n_chunks, (dim // (nsub * bdb)) * batch, conf["seg_bwd"] * sms * gpu,
                               conf["min_seg"], every, conf["segs_bwd"])
-    return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, store_dt=conf["store_dt"], dbc=conf["dbc"],
-                stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
+    sa = _STATE_AXIS if conf["state_axis"] is None else conf["state_axis"]
+    return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, SA=sa, prefetch_fwd=conf["prefetch_fwd"], store_dt=conf["store_dt"],
+                dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
                 save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f, segs_bwd=segs_b, seg_chunks_bwd=per_b)
 
 
@@ -1396,7 +1455,8 @@ class SelectiveScanTriton(torch.autograd.Function):
                         u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
                         dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, **step_opts,
                         BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local,
-                        REV=bool(rev_slot), STORE_DT=store_dt, num_warps=1,
+                        REV=bool(rev_slot), STORE_DT=store_dt, SA=scfg["SA"], PREFETCH=scfg["prefetch_fwd"],
+                        num_warps=1,
                     )
                 saved = (states, dts)
             elif tcfg is not None:
