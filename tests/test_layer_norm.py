@@ -172,10 +172,19 @@ def test_msvmunet_training_step_matches_pytorch_norms(monkeypatch, precision):
     both scopes are compared with the float32 step: the kernels must be no less accurate (this form
     of the bf16 check has not run on a GPU yet).
     """
+    # set and restored by hand: torch.backends.cuda.matmul answers attribute lookups through __getattr__,
+    # which monkeypatch.setattr cannot patch (an AttributeError on the H100's torch 2.11)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        _training_step_check(monkeypatch, precision)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _training_step_check(monkeypatch, precision):
     from common.networks.msvmunet import MSVMUNet
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     net = MSVMUNet(1, 4).cuda()
     x = torch.randn(2, 1, 64, 64, device="cuda")

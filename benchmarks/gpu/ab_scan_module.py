@@ -84,8 +84,8 @@ def main(argv=None):
     mod_a = importlib.import_module("common.ops.scan_triton")
     versions = {"a": (mod_a, None), "b": (importlib.import_module(args.b), None)}
     versions.update({k: (mod_a, v) for k, v in json.loads(args.variants).items()})
-    shapes = [s for s in ISSUE_SHAPES if s[3] == 16] if args.shapes != "train" else []
-    shapes += STEP_TRAIN_SHAPES if args.shapes != "issue" else []
+    shapes = STEP_TRAIN_SHAPES if args.shapes != "issue" else []
+    shapes += [s for s in ISSUE_SHAPES if s[3] == 16] if args.shapes != "train" else []
     bw = copy_bandwidth()
     import triton
 

@@ -1310,11 +1310,14 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # "state_axis": the forward tile's state axis (see _fwd_kernel_s): None picks it by the Triton version
 # (_STATE_AXIS); 0 or 1 force it (tests run both). "prefetch_fwd": the forward loads each chunk's
 # inputs one iteration ahead, in registers (Triton's own pipelining, "stages_fwd", stages them in shared
-# memory).
+# memory); on an H100 (Triton 3.6) within 5 % either way at most N = 16 scans, 7-11 % faster at the
+# longest (MSSMamba's 192 @ 12544 bf16, b24 192 @ 4096 fp32), 10 % slower at b16 192 @ 3136 fp32.
+# "fwd_maxnreg": a register cap for the forward (Triton's maxnreg) to keep more programs resident; 104
+# was slower at every shape measured (fp32 spills), so None: no cap.
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
-               "store_dt": True, "state_axis": None, "prefetch_fwd": True}
+               "store_dt": True, "state_axis": None, "prefetch_fwd": True, "fwd_maxnreg": None}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -1352,7 +1355,7 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
     mode, when the channel blocks (``STEP_CONFIG`` ``bd_fwd`` / ``bd_bwd``, 8) fit the groups; with
     ``STEP_CONFIG["small_n"]`` (or the path override ``"step"``) also to N < 8, in blocks of 32 / N
-    channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, store_dt, dbc, stages_fwd, stages_bwd,
+    channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, fwd_maxnreg, store_dt, dbc, stages_fwd, stages_bwd,
     save_every, segs_fwd, seg_chunks_fwd, segs_bwd, seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a
     group and the grid keeps at least ``min_programs`` (default 5 per multiprocessor) programs, else 1.
     """
@@ -1377,7 +1380,8 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     segs_b, per_b = _segments(n_chunks, (dim // (nsub * bdb)) * batch, conf["seg_bwd"] * sms * gpu,
                               conf["min_seg"], every, conf["segs_bwd"])
     sa = _STATE_AXIS if conf["state_axis"] is None else conf["state_axis"]
-    return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, SA=sa, prefetch_fwd=conf["prefetch_fwd"], store_dt=conf["store_dt"],
+    return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, SA=sa, prefetch_fwd=conf["prefetch_fwd"], fwd_maxnreg=conf["fwd_maxnreg"],
+                store_dt=conf["store_dt"],
                 dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
                 save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f, segs_bwd=segs_b, seg_chunks_bwd=per_b)
 
@@ -1456,7 +1460,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                         dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, **step_opts,
                         BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every, LOCAL=local,
                         REV=bool(rev_slot), STORE_DT=store_dt, SA=scfg["SA"], PREFETCH=scfg["prefetch_fwd"],
-                        num_warps=1,
+                        num_warps=1, **({"maxnreg": scfg["fwd_maxnreg"]} if scfg["fwd_maxnreg"] else {}),
                     )
                 saved = (states, dts)
             elif tcfg is not None:
