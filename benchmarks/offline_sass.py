@@ -95,7 +95,7 @@ def main(argv=None):
         if hasattr(st, "_step_config") else {}
     fwd = dict(common, SAVE_STATES=True, LOCAL=False, STORE_DT=True, SA=step.get("SA"),
                PREFETCH=step.get("prefetch_fwd"))
-    bwd = dict(common, B_ATOMIC=False, C_ATOMIC=False, NSUB=2, DT_STORED=True)
+    bwd = dict(common, B_ATOMIC=False, C_ATOMIC=False, NSUB=2, DT_STORED=True, SA=step.get("SA"))
     rows = []
     for name, fn, consts in (("forward", st._fwd_kernel_s, fwd), ("backward", st._bwd_kernel_s, bwd)):
         consts = {k: v for k, v in consts.items() if v is not None}

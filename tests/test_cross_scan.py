@@ -237,7 +237,7 @@ def test_bidirectional_reference_is_forward_and_reversed_scans():
 def test_bidirectional_triton_matches_the_reversed_copies(triton_mod, length, segs, store_dt, axis):
     # odd lengths: a backward scan's last chunk is partly before position 0; forced time segments; dt
     # recomputed in the backward (read backwards from delta) instead of stored; both state axes of the
-    # forward tile
+    # step kernels' tiles
     triton_mod.CONFIG_OVERRIDE["step"] = {"segs_fwd": segs[0], "segs_bwd": segs[1], "store_dt": store_dt,
                                           "state_axis": axis}
     inputs = make_bidirectional(2 if length < 20 else 1, 2 if length < 20 else 1, 8, length, 16)

@@ -208,8 +208,8 @@ def test_time_in_thread_configs(interpreter, config, dim, min_programs):
 # STEP_CONFIG override). Partial chunks (L % 4), padded states (N 12), N 32, z, no D, one and two
 # channel blocks per program, dB / dC summed by per-program partials and by atomics, the chunk states
 # stored every 1, 2 (default) and 4 chunks, and the sequence split into time segments (a local pass,
-# then each segment from the composed carry), forward and backward; the forward tile's state axis as
-# Triton >= 3.7 gets it (0) and, where marked, as 3.6 does (1); the forward's loads one chunk ahead
+# then each segment from the composed carry), forward and backward; the tiles' state axis as Triton
+# >= 3.7 gets it (0) and, where marked, as 3.6 does (1); the forward's loads one chunk ahead
 # (default) and, once, not; once under a register cap (a compile option, ignored by the interpreter).
 STEP_CASES = [
     pytest.param(1, 16, 11, 16, 1, ALL, {}, id="z-L11"),

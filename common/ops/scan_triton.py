@@ -857,9 +857,9 @@ def _s_dt(dts_ptr, off, m, bias, DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr
 
 @triton.jit
 def _s_channel(ptr, dd, BD: tl.constexpr, LOAD: tl.constexpr, CDT: tl.constexpr):
-    # a per-channel parameter (D, delta_bias) of the channels dd as a (BD, 1) tile; zeros where it is
-    # absent or not needed
-    v = tl.full((BD, 1), 0.0, dtype=CDT)
+    # a per-channel parameter (D, delta_bias) of the channels dd as a tile shaped like dd; zeros where it
+    # is absent or not needed
+    v = (dd * 0).to(CDT)
     if LOAD:
         v = tl.load(ptr + dd).to(CDT)
     return v
@@ -881,7 +881,7 @@ def _s_recompute(h, A2, row, urow, t, p, L, u_ptr, dts_ptr, Bv, bias, DT_STORED:
 @triton.jit
 def _s_adjoint(
     g, ah, hh, a, u, dt, Bv, Cv, A, Dv, row, t, p, L, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, CDT: tl.constexpr, SA: tl.constexpr,
 ):
     # one step of the adjoint recurrence, walking back: g carries a[t+1] q[t+1], so
     # q[t] = C[t] dy[t] + g and the next g = a[t] q[t]; returns g, the step's dB and dC terms (summed
@@ -890,7 +890,7 @@ def _s_adjoint(
     dout = tl.load(dout_ptr + row + p, mask=m, other=0.0).to(CDT)
     if HAS_Z:
         zv = tl.load(z_ptr + row + p, mask=m, other=0.0).to(CDT)
-        y = _sum(hh * Cv, 1)[:, None]
+        y = tl.expand_dims(_sum(hh * Cv, SA), SA)
         if HAS_D:
             y = y + u * Dv
         sig = 1.0 / (1.0 + tl.exp(-zv))
@@ -902,9 +902,9 @@ def _s_adjoint(
     g = a * q
     pB = q * (dt * u)
     pC = dy * hh
-    sB = _sum(q * Bv, 1)[:, None]
+    sB = tl.expand_dims(_sum(q * Bv, SA), SA)
     x = q * ah  # d loss / d(dt * A)
-    ddt = sB * u + _sum(x * A, 1)[:, None]
+    ddt = sB * u + tl.expand_dims(_sum(x * A, SA), SA)
     dA = dA + x * dt
     du = sB * dt
     if HAS_D:
@@ -926,13 +926,13 @@ def _s_block(
     u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
     BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, CDT: tl.constexpr, SAVE_EVERY: tl.constexpr, REV: tl.constexpr,
-    DT_STORED: tl.constexpr,
+    DT_STORED: tl.constexpr, SA: tl.constexpr,
 ):
     # one block of BD channels through one 4-step chunk: the states from the stored state (advanced
     # over the chunks since it, when the forward stored every SAVE_EVERY-th), then the adjoint steps in
     # reverse
-    dd = d0 + tl.arange(0, BD)[:, None]
-    nn = tl.arange(0, BN)[None, :]
+    dd = d0 + tl.expand_dims(tl.arange(0, BD), SA)
+    nn = tl.expand_dims(tl.arange(0, BN), 1 - SA)
     row = (pid_b * dim + dd).to(tl.int64) * L
     urow = row
     if REV:
@@ -963,13 +963,13 @@ def _s_block(
     ah3, h3, a3, u3, dt3 = _s_recompute(h2, A2, row, urow, t0 + 3, p3, L, u_ptr, dts_ptr, B3, bias,
                                         DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
     g, pB3, pC3, dA, dD, dbias = _s_adjoint(g, ah3, h3, a3, u3, dt3, B3, C3, A, Dv, row, t0 + 3, p3, L, z_ptr, dout_ptr,
-                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT, SA)
     g, pB2, pC2, dA, dD, dbias = _s_adjoint(g, ah2, h2, a2, u2, dt2, B2, C2, A, Dv, row, t0 + 2, p2, L, z_ptr, dout_ptr,
-                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT, SA)
     g, pB1, pC1, dA, dD, dbias = _s_adjoint(g, ah1, h1, a1, u1, dt1, B1, C1, A, Dv, row, t0 + 1, p1, L, z_ptr, dout_ptr,
-                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT, SA)
     g, pB0, pC0, dA, dD, dbias = _s_adjoint(g, ah0, h0, a0, u0, dt0, B0, C0, A, Dv, row, t0, p0, L, z_ptr, dout_ptr,
-                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT)
+                                            du_ptr, ddt_ptr, dz_ptr, dA, dD, dbias, HAS_D, HAS_Z, SOFTPLUS, CDT, SA)
     return g, dA, dD, dbias, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3
 
 
@@ -980,11 +980,11 @@ def _s_load_bc(ptr, off, t, p, L, mask_n, CDT: tl.constexpr):
 
 
 @triton.jit
-def _s_put(ptr, off, first, t, p, L, mask_n, val, ATOMIC: tl.constexpr):
+def _s_put(ptr, off, first, t, p, L, mask_n, val, ATOMIC: tl.constexpr, SA: tl.constexpr):
     # a time-varying dB / dC step, summed over the program's channels; written from the full-shape tile
     # (off, first: (BD, BN)), so that it keeps the compute layout: a store from every channel lane (the
     # same value to the same address), or an atomic from the first channel's lanes
-    v = _sum(val, 0)[None, :] + 0.0 * val
+    v = tl.expand_dims(_sum(val, 1 - SA), 1 - SA) + 0.0 * val
     if ATOMIC:
         tl.atomic_add(ptr + off + p, v, mask=first & mask_n & (off * 0 + t < L), sem="relaxed")
     else:
@@ -997,7 +997,7 @@ def _bwd_local_kernel_s(
     dim, L, n_state, n_chunks, seg_chunks, n_segs, slot,
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_Z: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, REV: tl.constexpr,
-    DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SA: tl.constexpr,
 ):
     # The backward's local pass over time segment s + 1 (s = program axis 2): the adjoint recurrence
     # g <- a[t] (C[t] dy[t] + g) walked back over the segment from g = 0, and the segment's summed dt.
@@ -1008,8 +1008,8 @@ def _bwd_local_kernel_s(
     pid_b = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     d0 = pid_d * BD
-    dd = d0 + tl.arange(0, BD)[:, None]
-    nn = tl.arange(0, BN)[None, :]
+    dd = d0 + tl.expand_dims(tl.arange(0, BD), SA)  # the states on axis SA, as in the backward
+    nn = tl.expand_dims(tl.arange(0, BN), 1 - SA)
     mask_n = nn < n_state
     A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
     bias = _s_channel(bias_ptr, dd, BD, HAS_BIAS and not DT_STORED, CDT)
@@ -1020,8 +1020,8 @@ def _bwd_local_kernel_s(
     c_full = pid_b * sc_batch + (d0 // dpg_c) * sc_group + nn * sc_n + 0 * dd
     c_lo = (pid_s + 1) * seg_chunks
     c_hi = tl.minimum(n_chunks, c_lo + seg_chunks)
-    g = tl.full((BD, BN), 0.0, dtype=CDT)
-    sdt = tl.full((BD, 1), 0.0, dtype=CDT)
+    g = (dd * 0 + nn * 0).to(CDT)
+    sdt = (dd * 0).to(CDT)
     for i in range(0, c_hi - c_lo):
         t0 = (c_hi - 1 - i) * 4
         for j in tl.static_range(4):
@@ -1064,13 +1064,15 @@ def _bwd_kernel_s(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr, SAVE_EVERY: tl.constexpr,
-    REV: tl.constexpr, DT_STORED: tl.constexpr,
+    REV: tl.constexpr, DT_STORED: tl.constexpr, SA: tl.constexpr,
 ):
-    # "step" backward. Per-step (BD, BN) tiles: nothing has a time axis, so the layout is the same
-    # everywhere (8 channel lanes x 4 state lanes, BN / 4 states in each thread) and both recurrences
-    # are plain register updates: per 4-step chunk, the states are recomputed forward from the stored
-    # chunk state (a h[t-1] formed directly, one exp per step) and the adjoint walks back. A program
-    # owns NSUB (1 or 2) blocks of BD channels of one B and one C group; they share the B / C loads,
+    # "step" backward. Per-step (channels, states) tiles, the states on axis SA as in the forward (Triton 3.6 and 3.7+
+    # give the lanes to different axes of equally contiguous loads and stores, such as the per-step dB / dC; with SA
+    # by version every load and store takes the compute layout). Nothing has a time axis, so the layout is the same
+    # everywhere (8 channel lanes x 4 state lanes, BN / 4 states in each thread) and both recurrences are plain
+    # register updates: per 4-step chunk, the states are recomputed forward from the stored chunk state (a h[t-1]
+    # formed directly, one exp per step) and the adjoint walks back. A program owns NSUB (1 or 2) blocks of BD
+    # channels of one B and one C group; they share the B / C loads,
     # and their dB / dC terms are summed before the reduction over the channel lanes, which is stored
     # per step (or added with relaxed atomics when several programs share a group). The carries (the
     # adjoint g = a q, and the sums dA, dD, d delta_bias) stay in registers; q_ptr holds the gradient
@@ -1091,8 +1093,8 @@ def _bwd_kernel_s(
     rv = p0 < 0  # False
     if REV:
         rv = (p0 // slot) % 2 == 1
-    dl = tl.arange(0, BD)[:, None]
-    nn = tl.arange(0, BN)[None, :]
+    dl = tl.expand_dims(tl.arange(0, BD), SA)  # the states on axis SA (see _fwd_kernel_s)
+    nn = tl.expand_dims(tl.arange(0, BN), 1 - SA)
     mask_n = nn < n_state
     b_off = pid_b * sb_batch + (p0 // dpg_b) * sb_group + nn * sb_n
     c_off = pid_b * sc_batch + (p0 // dpg_c) * sc_group + nn * sc_n
@@ -1110,18 +1112,18 @@ def _bwd_kernel_s(
     D_a = _s_channel(D_ptr, da, BD, HAS_D, CDT)
     bias_a = _s_channel(bias_ptr, da, BD, HAS_BIAS and not DT_STORED, CDT)
     g_a = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_a, pid_b, pid_s, n_segs, dim, da, n_state, nn, mask_n)
-    dA_a = tl.full((BD, BN), 0.0, dtype=CDT)
-    dD_a = tl.full((BD, 1), 0.0, dtype=CDT)
-    db_a = tl.full((BD, 1), 0.0, dtype=CDT)
+    dA_a = (dl * 0 + nn * 0).to(CDT)
+    dD_a = (dl * 0).to(CDT)
+    db_a = (dl * 0).to(CDT)
     if NSUB == 2:
         db2 = p0 + BD + dl
         A_b = tl.load(A_ptr + db2 * n_state + nn * st_n, mask=mask_n, other=0.0).to(CDT)
         D_b = _s_channel(D_ptr, db2, BD, HAS_D, CDT)
         bias_b = _s_channel(bias_ptr, db2, BD, HAS_BIAS and not DT_STORED, CDT)
         g_b = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_b, pid_b, pid_s, n_segs, dim, db2, n_state, nn, mask_n)
-        dA_b = tl.full((BD, BN), 0.0, dtype=CDT)
-        dD_b = tl.full((BD, 1), 0.0, dtype=CDT)
-        db_b = tl.full((BD, 1), 0.0, dtype=CDT)
+        dA_b = (dl * 0 + nn * 0).to(CDT)
+        dD_b = (dl * 0).to(CDT)
+        db_b = (dl * 0).to(CDT)
     c_lo = pid_s * seg_chunks
     c_hi = tl.minimum(n_chunks, c_lo + seg_chunks)
     for i in tl.range(0, c_hi - c_lo, num_stages=NUM_STAGES):
@@ -1143,24 +1145,24 @@ def _bwd_kernel_s(
             g_a, dA_a, dD_a, db_a, A_a, D_a, bias_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
             B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
             u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-            BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED)
+            BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA)
         if NSUB == 2:
             g_b, dA_b, dD_b, db_b, qB0, qB1, qB2, qB3, qC0, qC1, qC2, qC3 = _s_block(
                 g_b, dA_b, dD_b, db_b, A_b, D_b, bias_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
                 slot, rv,
                 B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
                 u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-                BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED)
+                BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA)
             pB0, pB1, pB2, pB3 = pB0 + qB0, pB1 + qB1, pB2 + qB2, pB3 + qB3
             pC0, pC1, pC2, pC3 = pC0 + qC0, pC1 + qC1, pC2 + qC2, pC3 + qC3
-        _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC)
-        _s_put(dB_ptr, b_put, first, t0 + 1, q1, L, mask_n, pB1, B_ATOMIC)
-        _s_put(dB_ptr, b_put, first, t0 + 2, q2, L, mask_n, pB2, B_ATOMIC)
-        _s_put(dB_ptr, b_put, first, t0 + 3, q3, L, mask_n, pB3, B_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0, q0, L, mask_n, pC0, C_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0 + 1, q1, L, mask_n, pC1, C_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0 + 2, q2, L, mask_n, pC2, C_ATOMIC)
-        _s_put(dC_ptr, c_put, first, t0 + 3, q3, L, mask_n, pC3, C_ATOMIC)
+        _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC, SA)
+        _s_put(dB_ptr, b_put, first, t0 + 1, q1, L, mask_n, pB1, B_ATOMIC, SA)
+        _s_put(dB_ptr, b_put, first, t0 + 2, q2, L, mask_n, pB2, B_ATOMIC, SA)
+        _s_put(dB_ptr, b_put, first, t0 + 3, q3, L, mask_n, pB3, B_ATOMIC, SA)
+        _s_put(dC_ptr, c_put, first, t0, q0, L, mask_n, pC0, C_ATOMIC, SA)
+        _s_put(dC_ptr, c_put, first, t0 + 1, q1, L, mask_n, pC1, C_ATOMIC, SA)
+        _s_put(dC_ptr, c_put, first, t0 + 2, q2, L, mask_n, pC2, C_ATOMIC, SA)
+        _s_put(dC_ptr, c_put, first, t0 + 3, q3, L, mask_n, pC3, C_ATOMIC, SA)
     bda = (pid_s * n_batch + pid_b) * dim + da  # per-segment partials
     tl.store(dA_ptr + bda * n_state + nn, dA_a, mask=mask_n)
     if HAS_D:
@@ -1307,7 +1309,7 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # backward recomputes it from delta. Off saves 4 bytes per channel and step (Mamba-HUNet bf16 training:
 # 12.1 -> 10.2 GiB) but the softplus per step made the backward 30-40 % slower and training 24 % slower
 # (203.0 -> 153.8 images/s, H100): kept on.
-# "state_axis": the forward tile's state axis (see _fwd_kernel_s): None picks it by the Triton version
+# "state_axis": the step kernels' state axis (see _fwd_kernel_s): None picks it by the Triton version
 # (_STATE_AXIS); 0 or 1 force it (tests run both). "prefetch_fwd": the forward loads each chunk's
 # inputs one iteration ahead, in registers (Triton's own pipelining, "stages_fwd", stages them in shared
 # memory); on an H100 (Triton 3.6) within 5 % either way at most N = 16 scans, 7-11 % faster at the
@@ -1330,7 +1332,7 @@ def _triton_version() -> tuple[int, int]:
 
 # Where two axes of a load are equally contiguous, Triton 3.6's coalescing gives the lanes to the first
 # one and 3.7 onwards to the last (found from offline sm_90 compiles of the step forward with 3.6.0,
-# 3.7.1, 3.8.0 and 3.9.0): the forward's tile puts the channels on that axis
+# 3.7.1, 3.8.0 and 3.9.0): the step kernels' tiles put the channels on that axis
 _STATE_AXIS = 1 if _triton_version() < (3, 7) else 0
 
 
@@ -1568,7 +1570,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                     A, Cc, z if z is not None else dummy, dts, bias, dout, seg_g, seg_dt,
                     dim, length, n_state, n_chunks, per, segs, ctx.rev_slot, scb, scg, scn, dpg_c,
                     HAS_Z=z is not None, FP64=fp64, BD=scfg["BD_bwd"], BN=bn, REV=bool(ctx.rev_slot), **dt_opts,
-                    num_warps=1,
+                    SA=scfg["SA"], num_warps=1,
                 )
             _bwd_kernel_s[(dim // span, batch, segs)](
                 u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy, bias,
@@ -1579,7 +1581,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                 *strides, **step_opts,
                 B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD_bwd"], BN=bn, NSUB=scfg["NSUB"],
                 NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], REV=bool(ctx.rev_slot),
-                DT_STORED=scfg["store_dt"], num_warps=1,
+                DT_STORED=scfg["store_dt"], SA=scfg["SA"], num_warps=1,
             )
             dB = dB.sum(0) if b_parts > 1 else dB
             dC = dC.sum(0) if c_parts > 1 else dC
