@@ -856,7 +856,7 @@ def _s_dt(dts_ptr, off, m, bias, DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
-def _s_channel(ptr, dd, BD: tl.constexpr, LOAD: tl.constexpr, CDT: tl.constexpr):
+def _s_channel(ptr, dd, LOAD: tl.constexpr, CDT: tl.constexpr):
     # a per-channel parameter (D, delta_bias) of the channels dd as a tile shaped like dd; zeros where it
     # is absent or not needed
     v = (dd * 0).to(CDT)
@@ -1012,7 +1012,7 @@ def _bwd_local_kernel_s(
     nn = tl.expand_dims(tl.arange(0, BN), 1 - SA)
     mask_n = nn < n_state
     A2 = tl.load(A_ptr + dd * n_state + nn, mask=mask_n, other=0.0).to(CDT) * _LOG2E
-    bias = _s_channel(bias_ptr, dd, BD, HAS_BIAS and not DT_STORED, CDT)
+    bias = _s_channel(bias_ptr, dd, HAS_BIAS and not DT_STORED, CDT)
     row = (pid_b * dim + dd).to(tl.int64) * L
     rv = d0 < 0  # False
     if REV:
@@ -1109,8 +1109,8 @@ def _bwd_kernel_s(
     first = dl == 0
     da = p0 + dl
     A_a = tl.load(A_ptr + da * n_state + nn * st_n, mask=mask_n, other=0.0).to(CDT)
-    D_a = _s_channel(D_ptr, da, BD, HAS_D, CDT)
-    bias_a = _s_channel(bias_ptr, da, BD, HAS_BIAS and not DT_STORED, CDT)
+    D_a = _s_channel(D_ptr, da, HAS_D, CDT)
+    bias_a = _s_channel(bias_ptr, da, HAS_BIAS and not DT_STORED, CDT)
     g_a = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_a, pid_b, pid_s, n_segs, dim, da, n_state, nn, mask_n)
     dA_a = (dl * 0 + nn * 0).to(CDT)
     dD_a = (dl * 0).to(CDT)
@@ -1118,8 +1118,8 @@ def _bwd_kernel_s(
     if NSUB == 2:
         db2 = p0 + BD + dl
         A_b = tl.load(A_ptr + db2 * n_state + nn * st_n, mask=mask_n, other=0.0).to(CDT)
-        D_b = _s_channel(D_ptr, db2, BD, HAS_D, CDT)
-        bias_b = _s_channel(bias_ptr, db2, BD, HAS_BIAS and not DT_STORED, CDT)
+        D_b = _s_channel(D_ptr, db2, HAS_D, CDT)
+        bias_b = _s_channel(bias_ptr, db2, HAS_BIAS and not DT_STORED, CDT)
         g_b = _s_carry(q_ptr, seg_g_ptr, seg_dt_ptr, A_b, pid_b, pid_s, n_segs, dim, db2, n_state, nn, mask_n)
         dA_b = (dl * 0 + nn * 0).to(CDT)
         dD_b = (dl * 0).to(CDT)
@@ -1383,9 +1383,9 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
                               conf["min_seg"], every, conf["segs_bwd"])
     sa = _STATE_AXIS if conf["state_axis"] is None else conf["state_axis"]
     return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, SA=sa, prefetch_fwd=conf["prefetch_fwd"], fwd_maxnreg=conf["fwd_maxnreg"],
-                store_dt=conf["store_dt"],
-                dbc=conf["dbc"], stages_fwd=conf["stages_fwd"], stages_bwd=conf["stages_bwd"],
-                save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f, segs_bwd=segs_b, seg_chunks_bwd=per_b)
+                store_dt=conf["store_dt"], dbc=conf["dbc"], stages_fwd=conf["stages_fwd"],
+                stages_bwd=conf["stages_bwd"], save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f,
+                segs_bwd=segs_b, seg_chunks_bwd=per_b)
 
 
 class SelectiveScanTriton(torch.autograd.Function):
