@@ -10,6 +10,7 @@ import torch
 
 from common.networks.complexity import count_flops, count_parameters
 from common.networks.msvmunet import (
+    MSConv,
     MSVMUNet,
     checkpoint_filter_fn,
     load_pretrained,
@@ -75,6 +76,31 @@ def test_flops_agree_with_the_paper():
     calflops_style = 2 * flops["dense_macs"] / 1e9
     assert abs(calflops_style - 15.53) / 15.53 < 0.01
     assert flops["scan"] > 0 and flops["fvcore"] == flops["dense_macs"] + flops["scan"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_msconv_one_summed_convolution_equals_the_three(channels_last):
+    """MSConv's fused form (one depth-wise conv with the summed kernels and the identity) against
+    the original's x + conv1(x) + conv3(x) + conv5(x): values and the gradients of the input and of
+    every kernel, in float64; the parameters and their names are the original's."""
+    torch.manual_seed(0)
+    fused = MSConv(12).double()
+    plain = MSConv(12, fused=False).double()
+    plain.load_state_dict(fused.state_dict())
+    assert sorted(fused.state_dict()) == [f"dw_convs.{i}.weight" for i in range(3)]
+    x = torch.randn(2, 12, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grads = []
+    for module in (fused, plain):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        torch.autograd.backward(out, torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out))
+        grads.append((out.detach(), xi.grad, *(c.weight.grad for c in module.dw_convs)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="odd kernel sizes"):
+        MSConv(4, (1, 2))
 
 
 def test_freeze_encoder():

@@ -306,13 +306,28 @@ def test_forward_backward_memory_is_bounded(backend):
 # ---------------------------------------------------------------- the compiled CPU kernel
 
 
+def test_cpu_kernel_block_width():
+    """Channels per task: the library's wide vector (16) where every block of 16 lies inside one B and
+    one C group, else 8, else 1; float64 always 1."""
+    from common.ops.scan_cpu import _lanes
+
+    assert _lanes(64, 2, 0, torch.float32, 16) == 16  # 32 channels a group
+    assert _lanes(48, 2, 2, torch.float32, 16) == 8  # 24 a group
+    assert _lanes(48, 0, 3, torch.float32, 16) == 16  # B fixed, 16 a C group
+    assert _lanes(40, 4, 4, torch.float32, 16) == 1  # 10 a group
+    assert _lanes(64, 2, 2, torch.float32, 8) == 8  # a library without AVX-512
+    assert _lanes(64, 0, 0, torch.float64, 16) == 1
+
+
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the cpu backend did not build here")
 @pytest.mark.parametrize("dim,groups,b_form", [(48, 2, "grouped"), (48, 3, "fixed"), (40, 4, "grouped"),
-                                               (16, 1, "shared")])
+                                               (16, 1, "shared"), (64, 2, "grouped")])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_kernel_channel_blocks_and_threads(dim, groups, b_form, threads):
-    """Blocks of 8 channels (every block inside one B and one C group), one channel per task otherwise
-    (40 / 4 groups = 10 channels a group), any thread count: values and all gradients equal the reference."""
+    """Blocks of 16 channels on AVX-512 processors (48 / 3 groups, 16 shared, 64 / 2 groups) or 8
+    (48 / 2 groups = 24 channels a group; every block lies inside one B and one C group), one channel
+    per task otherwise (40 / 4 groups = 10 channels a group), any thread count: values and all
+    gradients equal the reference."""
     inputs = make_inputs(3, dim, 150, 16, groups, torch.float32, "cpu", b_form=b_form, seed=4)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

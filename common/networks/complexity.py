@@ -5,7 +5,9 @@ multiply-add counts as one FLOP. Convolutions, linear layers and matmuls are cou
 ``torch.utils.flop_counter`` (which counts 2 per multiply-add, halved here); each selective scan
 adds VMamba's ``flops_selective_scan_fn`` count, ``9 * B * L * D * N`` plus ``B * D * L`` for the
 ``D`` skip (the scan itself is replaced by a zero stub while counting, so its implementation's
-internal matmuls are not counted twice).
+internal matmuls are not counted twice). Modules with a ``fused`` switch (MSVM-UNet's ``MSConv``,
+which runs its three depth-wise convolutions as one) are counted in their unfused form, as the
+papers define and count them.
 """
 
 from __future__ import annotations
@@ -55,10 +57,17 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int
     scan = [0]
     was_training = model.training
     model.eval()
+    fused = [m for m in model.modules() if isinstance(getattr(m, "fused", None), bool) and m.fused]
     x = torch.zeros(input_shape)
-    with _scan_flops_stub(scan), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
+    try:
+        for m in fused:
+            m.fused = False
+        with _scan_flops_stub(scan), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m in fused:
+            m.fused = True
+        model.train(was_training)
     dense = counter.get_total_flops() // 2
     return dict(dense_macs=dense, scan=scan[0], fvcore=dense + scan[0])
 

@@ -7,7 +7,7 @@ the channels (``csrc/selective_scan_cpu.c``): forward, and a backward that recom
 segment by segment (every ``K`` = 16 steps, so a segment's states and decays stay in L1) from
 checkpoints the forward kept, then runs the adjoint recurrence backwards. Softplus, ``delta_bias``,
 ``D`` and the ``z`` gate are fused into the kernel. The grouped ``dB`` / ``dC`` of a step (a sum over
-the block's 8 channels for each state) are reduced 8 states at a time with vector shuffles. Float32
+the block's channels for each state) are reduced 8 states at a time with vector shuffles. Float32
 state math for float32/bf16/fp16 inputs, float64 for float64.
 
 Build: the first call compiles the C file with the machine's C compiler (``$CC``, else ``cc`` /
@@ -38,12 +38,13 @@ __all__ = ["selective_scan_cpu", "load_library", "library_unavailable_reason", "
 
 CACHE_ENV = "MAMBA_BUNDLES_CACHE"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "selective_scan_cpu.c")
+# -ffp-contract=fast: multiply-adds as FMA instructions (-std=c11 alone turns contraction off)
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-psabi"],
-    ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"],
-    ["-O3", "-fno-math-errno", "-Wno-psabi"],  # no OpenMP: one thread
+    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-Wno-psabi"],
+    ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-Wno-psabi"],
+    ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-psabi"],  # no OpenMP: one thread
 )
-_LANES = 8  # channels per task (VLANES in the C file: one 256-bit vector of floats)
+_LANES = 8  # channels per task (VLANES in the C file: one 256-bit vector of floats); 16 with AVX-512
 _SEGMENT = 16  # steps between the forward's state checkpoints (K)
 
 
@@ -103,6 +104,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"ss_bwd_{suffix}")
         bwd.argtypes = [p] * 19 + [i64] * 7 + [i32] * 3
         bwd.restype = i32
+    lib.ss_wide_lanes.argtypes = []
+    lib.ss_wide_lanes.restype = i32
 
 
 @functools.cache
@@ -138,11 +141,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _lanes(dim: int, gb: int, gc: int, dtype: torch.dtype) -> int:
-    """16 float32 channels per task when every block of 16 lies inside one B group and one C group,
-    else 1 (float64 always 1: it is there for gradcheck)."""
-    ok = dtype == torch.float32 and dim % _LANES == 0 and all(g == 0 or (dim // g) % _LANES == 0 for g in (gb, gc))
-    return _LANES if ok else 1
+def _lanes(dim: int, gb: int, gc: int, dtype: torch.dtype, wide: int = 2 * _LANES) -> int:
+    """Float32 channels per task: ``wide`` (the library's preference, 16 with AVX-512) or 8 when
+    every block of that many channels lies inside one B group and one C group, else 1 (float64
+    always 1: it is there for gradcheck)."""
+    if dtype != torch.float32:
+        return 1
+    for w in dict.fromkeys((wide, _LANES)):
+        if dim % w == 0 and all(g == 0 or (dim // g) % w == 0 for g in (gb, gc)):
+            return w
+    return 1
 
 
 def _bc_layout(x: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor, int]:
@@ -181,7 +189,7 @@ class _Prepared:
         self.Bk, self.gb = _bc_layout(B, cdt)
         self.Ck, self.gc = _bc_layout(C, cdt)
         self.softplus = int(bool(delta_softplus))
-        self.w = _lanes(self.dim, self.gb, self.gc, cdt)
+        self.w = _lanes(self.dim, self.gb, self.gc, cdt, load_library().ss_wide_lanes())
         self.nseg = -(-self.length // _SEGMENT)
         self.suffix = "f64" if cdt == torch.float64 else "f32"
 

@@ -1,6 +1,7 @@
 /* Selective scan (Mamba S6 recurrence) for CPU tensors: forward and backward, OpenMP over
  * (batch, channel block) tasks, the time loop sequential, W channels ("lanes") of a block held
- * in one GCC/clang vector (W = 8 floats), so every step is a handful of SIMD instructions.
+ * in one GCC/clang vector (W = 16 floats where the compiler targets AVX-512, else 8; 1 for channel
+ * counts neither divides), so every step is a handful of SIMD instructions.
  *
  * Built on first use by common/ops/scan_cpu.py (cc -O3 -fopenmp -shared) and called through
  * ctypes; see that module for the layouts. Everything here is this project's own code.
@@ -33,13 +34,26 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define VLANES 8
-typedef float vf8 __attribute__((vector_size(VLANES * sizeof(float))));
-typedef int32_t vi8 __attribute__((vector_size(VLANES * sizeof(int32_t))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
+typedef float vf16 __attribute__((vector_size(16 * sizeof(float))));
+typedef int32_t vi16 __attribute__((vector_size(16 * sizeof(int32_t))));
+
+/* the widest vector the compiler targets natively: 16 floats with AVX-512 (one zmm register);
+ * elsewhere the 16-lane code would be two 8-lane halves with more register pressure, so 8 */
+#if defined(__AVX512F__)
+#define WIDE_LANES 16
+#else
+#define WIDE_LANES 8
+#endif
 
 /* exp for float without library calls: Cody-Waite range reduction around the nearest integer k
  * (rounded with the 1.5 * 2^23 trick, exact for |k| < 2^22) and Cephes' degree-6 polynomial
@@ -49,8 +63,7 @@ typedef int32_t vi8 __attribute__((vector_size(VLANES * sizeof(int32_t))));
 #define EXP_C2 2.12194440e-4f
 #define EXP_MAGIC 12582912.0f
 #define EXP_POLY(p, r)                          \
-    p = r * 0.0f + 1.9875691500e-4f;            \
-    p = p * r + 1.3981999507e-3f;               \
+    p = r * 1.9875691500e-4f + 1.3981999507e-3f; \
     p = p * r + 8.3334519073e-3f;               \
     p = p * r + 4.1665795894e-2f;               \
     p = p * r + 1.6666665459e-1f;               \
@@ -69,8 +82,62 @@ static inline float exp_f32(float x) {
     return p * scale;
 }
 
-/* select(m, a, b): a where the lane mask m is set (-1), else b */
-static inline vf8 sel_vf8(vi8 m, vf8 a, vf8 b) { return (vf8)(((vi8)a & m) | ((vi8)b & ~m)); }
+/* Per vector width (VF floats, VI int32 of the same lane count): select(m, a, b) (a where the lane
+ * mask m is set, else b), exp and softplus. softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e)
+ * for e in (0, 1] as 2 atanh(e / (2 + e)), an odd series in s = e / (2 + e) <= 1/3 (7 terms:
+ * relative error < 1e-7, exact for tiny e). */
+/* Clamps and the scaling by 2^k: one instruction each with AVX-512 (16 lanes) or AVX (8), else
+ * generic code (compare and select; k into the exponent bits). The results are the same: x is
+ * clamped first, so p * 2^k is a normal number and exact either way. */
+#if defined(__AVX512F__)
+#define MAX_vf16(a, b) ((vf16)_mm512_max_ps((__m512)(a), (__m512)(b)))
+#define MIN_vf16(a, b) ((vf16)_mm512_min_ps((__m512)(a), (__m512)(b)))
+#define SCALE2_vf16(p, k) ((vf16)_mm512_scalef_ps((__m512)(p), (__m512)(k)))
+#endif
+#if defined(__AVX__)
+#define MAX_vf8(a, b) ((vf8)_mm256_max_ps((__m256)(a), (__m256)(b)))
+#define MIN_vf8(a, b) ((vf8)_mm256_min_ps((__m256)(a), (__m256)(b)))
+#endif
+#define VEC_SEL(VF, VI) \
+    static inline VF sel_##VF(VI m, VF a, VF b) { return (VF)(((VI)a & m) | ((VI)b & ~m)); }
+VEC_SEL(vf8, vi8)
+VEC_SEL(vf16, vi16)
+#ifndef MAX_vf16
+#define MAX_vf16(a, b) sel_vf16((a) < (b), b, a)
+#define MIN_vf16(a, b) sel_vf16((a) > (b), b, a)
+#endif
+#ifndef MAX_vf8
+#define MAX_vf8(a, b) sel_vf8((a) < (b), b, a)
+#define MIN_vf8(a, b) sel_vf8((a) > (b), b, a)
+#endif
+#ifndef SCALE2_vf16
+#define SCALE2_vf16(p, k) ((p) * (vf16)((__builtin_convertvector(k, vi16) + 127) << 23))
+#endif
+#define SCALE2_vf8(p, k) ((p) * (vf8)((__builtin_convertvector(k, vi8) + 127) << 23))
+
+#define VEC_MATH(VF, VI)                                                          \
+    static inline VF exp_##VF(VF x) {                                             \
+        x = MIN_##VF(MAX_##VF(x, -87.0f - (VF){0}), 88.0f - (VF){0});             \
+        VF k = (x * 1.44269504088896341f + EXP_MAGIC) - EXP_MAGIC;                \
+        VF r = x - k * EXP_C1 + k * EXP_C2, p;                                    \
+        EXP_POLY(p, r)                                                            \
+        return SCALE2_##VF(p, k);                                                 \
+    }                                                                             \
+    static inline VF softplus_##VF(VF x) {                                        \
+        const VF zero = (VF){0};                                                  \
+        VF ax = sel_##VF(x < zero, zero - x, x);                                  \
+        VF e = exp_##VF(zero - ax);                                               \
+        VF s = e / (e + 2.0f), s2 = s * s;                                        \
+        VF q = s2 * (1.0f / 13) + 1.0f / 11;                                      \
+        q = q * s2 + 1.0f / 9;                                                    \
+        q = q * s2 + 1.0f / 7;                                                    \
+        q = q * s2 + 1.0f / 5;                                                    \
+        q = q * s2 + 1.0f / 3;                                                    \
+        q = q * s2 + 1.0f;                                                        \
+        return sel_##VF(x > zero, x, zero) + 2.0f * s * q;                        \
+    }
+VEC_MATH(vf8, vi8)
+VEC_MATH(vf16, vi16)
 
 /* the lane sums of 8 vectors at once, as one vector: three rounds of pairwise shuffles and adds
  * (21 operations instead of 8 horizontal sums). out[k] = sum_j v[k][j]. */
@@ -89,32 +156,16 @@ static inline vf8 sum8x8_vf8(const vf8 *v) {
                SHUF8(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
     return SHUF8(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF8(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
-
-static inline vf8 exp_vf8(vf8 x) {
-    const vf8 lo = (vf8){0} - 87.0f, hi = (vf8){0} + 88.0f;
-    x = sel_vf8(x < lo, lo, x);
-    x = sel_vf8(x > hi, hi, x);
-    vf8 k = (x * 1.44269504088896341f + EXP_MAGIC) - EXP_MAGIC;
-    vf8 r = x - k * EXP_C1 + k * EXP_C2, p;
-    EXP_POLY(p, r)
-    vi8 bits = (__builtin_convertvector(k, vi8) + 127) << 23;
-    return p * (vf8)bits;
-}
-
-/* softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) for e in (0, 1] as 2 atanh(e / (2 + e)),
- * an odd series in s = e / (2 + e) <= 1/3 (7 terms: relative error < 1e-7, exact for tiny e). */
-static inline vf8 softplus_vf8(vf8 x) {
-    const vf8 zero = (vf8){0};
-    vf8 ax = sel_vf8(x < zero, zero - x, x);
-    vf8 e = exp_vf8(zero - ax);
-    vf8 s = e / (e + 2.0f), s2 = s * s;
-    vf8 q = s2 * (1.0f / 13) + 1.0f / 11;
-    q = q * s2 + 1.0f / 9;
-    q = q * s2 + 1.0f / 7;
-    q = q * s2 + 1.0f / 5;
-    q = q * s2 + 1.0f / 3;
-    q = q * s2 + 1.0f;
-    return sel_vf8(x > zero, x, zero) + 2.0f * s * q;
+/* the same for 8 vectors of 16 lanes: each folded to 8 lanes (its halves added) first */
+static inline vf8 sum8x16_vf16(const vf16 *v) {
+    vf8 f[8];
+    for (int i = 0; i < 8; ++i) {
+        vf8 lo, hi;
+        memcpy(&lo, &v[i], sizeof lo);
+        memcpy(&hi, (const char *)&v[i] + sizeof lo, sizeof hi);
+        f[i] = lo + hi;
+    }
+    return sum8x8_vf8(f);
 }
 
 static inline float softplus_f32(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
@@ -124,15 +175,30 @@ static inline double softplus_f64(double x) { return x > 30.0 ? x : log1p(exp(x)
 #define CAT2(a, b) a##_##b
 #define CAT(a, b) CAT2(a, b)
 
+/* float, 16 channels per task (one AVX-512 vector) */
+#define VSUM8 sum8x16_vf16
+#define T float
+#define LT vf16
+#define EXPL exp_vf16
+#define SOFTPLUSL softplus_vf16
+#define SUF f32w
+#include __FILE__
+#undef VSUM8
+#undef T
+#undef LT
+#undef EXPL
+#undef SOFTPLUSL
+#undef SUF
+
 /* float, 8 channels per task */
-#define VEC8 1
+#define VSUM8 sum8x8_vf8
 #define T float
 #define LT vf8
 #define EXPL exp_vf8
 #define SOFTPLUSL softplus_vf8
 #define SUF f32v
 #include __FILE__
-#undef VEC8
+#undef VSUM8
 #undef T
 #undef LT
 #undef EXPL
@@ -186,16 +252,20 @@ static int check_args(int64_t dim, int64_t gb, int64_t gc, int64_t K, int W) {
     u, delta, bias, At, B, C, D, z, dout, dlast, ckpt, du, ddelta, dz, dA, dB, dC, dD, dbias, batch, dim, L, \
         N, gb, gc, K, softplus, nthreads
 
-/* Entry points. W: channels per task, 8 or 1 for float, 1 for double. Return 0; -1 for arguments
- * the kernel does not take; -2 when its work buffers cannot be allocated. */
+/* The channels per task the kernel prefers for float: 16 with AVX-512, else 8 (callers fall back
+ * to 8, then 1, where the channel counts need it). */
+int ss_wide_lanes(void) { return WIDE_LANES; }
+
+/* Entry points. W: channels per task, 16, 8 or 1 for float, 1 for double. Return 0; -1 for
+ * arguments the kernel does not take; -2 when its work buffers cannot be allocated. */
 int ss_fwd_f32(FWD_ARGS(float)) {
-    if (check_args(dim, gb, gc, K, W) || (W != VLANES && W != 1)) return -1;
-    return W == VLANES ? ss_fwd_f32v(FWD_PASS) : ss_fwd_f32s(FWD_PASS);
+    if (check_args(dim, gb, gc, K, W) || (W != 2 * VLANES && W != VLANES && W != 1)) return -1;
+    return W == 2 * VLANES ? ss_fwd_f32w(FWD_PASS) : W == VLANES ? ss_fwd_f32v(FWD_PASS) : ss_fwd_f32s(FWD_PASS);
 }
 
 int ss_bwd_f32(BWD_ARGS(float)) {
-    if (check_args(dim, gb, gc, K, W) || (W != VLANES && W != 1)) return -1;
-    return W == VLANES ? ss_bwd_f32v(BWD_PASS) : ss_bwd_f32s(BWD_PASS);
+    if (check_args(dim, gb, gc, K, W) || (W != 2 * VLANES && W != VLANES && W != 1)) return -1;
+    return W == 2 * VLANES ? ss_bwd_f32w(BWD_PASS) : W == VLANES ? ss_bwd_f32v(BWD_PASS) : ss_bwd_f32s(BWD_PASS);
 }
 
 int ss_fwd_f64(FWD_ARGS(double)) {
@@ -215,7 +285,7 @@ int ss_bwd_f64(BWD_ARGS(double)) {
 
 static inline LT FN(load)(const T *p) { LT v; memcpy(&v, p, sizeof v); return v; }
 static inline void FN(store)(T *p, LT v) { memcpy(p, &v, sizeof v); }
-static inline LT FN(bcast)(T s) { return (LT){0} + s; }
+static inline LT FN(bcast)(T s) { return s - (LT){0}; }  /* s - 0 folds to s; s + 0 does not (-0) */
 static inline LT FN(sigmoid)(LT x) { return 1.0f / (EXPL(0.0f - x) + 1.0f); }
 static inline T FN(lane_sum)(LT v) {
     T a[sizeof(LT) / sizeof(T)], s = 0;
@@ -226,8 +296,11 @@ static inline T FN(lane_sum)(LT v) {
 /* row[n] = lane sum of v[n], n < N (the grouped dB / dC of one step) */
 static inline void FN(lane_sums)(T *row, const LT *v, int64_t N) {
     int64_t n = 0;
-#ifdef VEC8
-    for (; n + 8 <= N; n += 8) FN(store)(row + n, sum8x8_vf8(v + n));
+#ifdef VSUM8
+    for (; n + 8 <= N; n += 8) {
+        const vf8 sums = VSUM8(v + n);
+        memcpy(row + n, &sums, sizeof sums);
+    }
 #endif
     for (; n < N; ++n) row[n] = FN(lane_sum)(v[n]);
 }
