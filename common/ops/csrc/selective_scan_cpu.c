@@ -156,6 +156,58 @@ static inline vf8 sum8x8_vf8(const vf8 *v) {
                SHUF8(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
     return SHUF8(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF8(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
+/* Level-h block swaps of two vectors (h = 1, 2, 4, 8): lo takes a's lanes j with bit h clear and
+ * b's lanes j - h for the lanes with it set; hi takes a's lanes j + h (bit h clear) and b's lanes j
+ * (set). Applied to rows i and i + h of a W x W tile for every h, they transpose it (each level swaps
+ * bit h of the row index with bit h of the column index); applied to pairs of sums, they give the
+ * lane sums of W vectors as one vector (sum16x16_vf16). */
+#if defined(__clang__)
+#define SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF16(a, b, ...) __builtin_shuffle(a, b, (vi16){__VA_ARGS__})
+#endif
+#define LO8_1(a, b) SHUF8(a, b, 0, 8, 2, 10, 4, 12, 6, 14)
+#define HI8_1(a, b) SHUF8(a, b, 1, 9, 3, 11, 5, 13, 7, 15)
+#define LO8_2(a, b) SHUF8(a, b, 0, 1, 8, 9, 4, 5, 12, 13)
+#define HI8_2(a, b) SHUF8(a, b, 2, 3, 10, 11, 6, 7, 14, 15)
+#define LO8_4(a, b) SHUF8(a, b, 0, 1, 2, 3, 8, 9, 10, 11)
+#define HI8_4(a, b) SHUF8(a, b, 4, 5, 6, 7, 12, 13, 14, 15)
+#define LO16_1(a, b) SHUF16(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+#define HI16_1(a, b) SHUF16(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31)
+#define LO16_2(a, b) SHUF16(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+#define HI16_2(a, b) SHUF16(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31)
+#define LO16_4(a, b) SHUF16(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+#define HI16_4(a, b) SHUF16(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31)
+#define LO16_8(a, b) SHUF16(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+#define HI16_8(a, b) SHUF16(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31)
+#define SWAP_LEVEL(W, h, r)                                   \
+    for (int i = 0; i < W; ++i)                               \
+        if (!(i & h)) {                                       \
+            const __typeof__(r[0]) a = r[i], b = r[i + h];    \
+            r[i] = LO##W##_##h(a, b);                         \
+            r[i + h] = HI##W##_##h(a, b);                     \
+        }
+/* r[i][j] <- r[j][i] */
+static inline void transpose_vf8(vf8 *r) {
+    SWAP_LEVEL(8, 1, r)
+    SWAP_LEVEL(8, 2, r)
+    SWAP_LEVEL(8, 4, r)
+}
+static inline void transpose_vf16(vf16 *r) {
+    SWAP_LEVEL(16, 1, r)
+    SWAP_LEVEL(16, 2, r)
+    SWAP_LEVEL(16, 4, r)
+    SWAP_LEVEL(16, 8, r)
+}
+/* the lane sums of 16 vectors of 16 lanes as one vector (45 operations): out[k] = sum_j v[k][j] */
+static inline vf16 sum16x16_vf16(const vf16 *v) {
+    vf16 p[8], q[4], r[2];
+    for (int i = 0; i < 8; ++i) p[i] = LO16_1(v[2 * i], v[2 * i + 1]) + HI16_1(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) q[i] = LO16_2(p[2 * i], p[2 * i + 1]) + HI16_2(p[2 * i], p[2 * i + 1]);
+    for (int i = 0; i < 2; ++i) r[i] = LO16_4(q[2 * i], q[2 * i + 1]) + HI16_4(q[2 * i], q[2 * i + 1]);
+    return LO16_8(r[0], r[1]) + HI16_8(r[0], r[1]);
+}
+
 /* the same for 8 vectors of 16 lanes: each folded to 8 lanes (its halves added) first */
 static inline vf8 sum8x16_vf16(const vf16 *v) {
     vf8 f[8];
@@ -177,6 +229,8 @@ static inline double softplus_f64(double x) { return x > 30.0 ? x : log1p(exp(x)
 
 /* float, 16 channels per task (one AVX-512 vector) */
 #define VSUM8 sum8x16_vf16
+#define VSUM16 sum16x16_vf16
+#define VTRANSPOSE transpose_vf16
 #define T float
 #define LT vf16
 #define EXPL exp_vf16
@@ -184,6 +238,8 @@ static inline double softplus_f64(double x) { return x > 30.0 ? x : log1p(exp(x)
 #define SUF f32w
 #include __FILE__
 #undef VSUM8
+#undef VSUM16
+#undef VTRANSPOSE
 #undef T
 #undef LT
 #undef EXPL
@@ -192,6 +248,7 @@ static inline double softplus_f64(double x) { return x > 30.0 ? x : log1p(exp(x)
 
 /* float, 8 channels per task */
 #define VSUM8 sum8x8_vf8
+#define VTRANSPOSE transpose_vf8
 #define T float
 #define LT vf8
 #define EXPL exp_vf8
@@ -199,6 +256,7 @@ static inline double softplus_f64(double x) { return x > 30.0 ? x : log1p(exp(x)
 #define SUF f32v
 #include __FILE__
 #undef VSUM8
+#undef VTRANSPOSE
 #undef T
 #undef LT
 #undef EXPL
@@ -296,6 +354,9 @@ static inline T FN(lane_sum)(LT v) {
 /* row[n] = lane sum of v[n], n < N (the grouped dB / dC of one step) */
 static inline void FN(lane_sums)(T *row, const LT *v, int64_t N) {
     int64_t n = 0;
+#ifdef VSUM16
+    for (; n + 16 <= N; n += 16) FN(store)(row + n, VSUM16(v + n));
+#endif
 #ifdef VSUM8
     for (; n + 8 <= N; n += 8) {
         const vf8 sums = VSUM8(v + n);
@@ -312,17 +373,36 @@ static inline LT FN(bc)(const T *P, int fixed, int64_t dim, int64_t d0, int64_t 
 /* per-channel vector (D, bias) of the block, or 0 */
 static inline LT FN(chan)(const T *v, int64_t d0) { return v ? FN(load)(v + d0) : FN(bcast)(0); }
 
-/* tile[i * W + j] = src[(row0 + j) * L + t0 + i]: W channel rows into a (nt, W) tile */
+/* tile[i * W + j] = src[(row0 + j) * L + t0 + i]: W channel rows into a (nt, W) tile; whole W x W
+ * blocks with vector loads and an in-register transpose, the rest element by element */
 static inline void FN(gather)(T *tile, const T *src, int64_t row0, int64_t L, int64_t t0, int64_t nt) {
+    int64_t i0 = 0;
+#ifdef VTRANSPOSE
+    for (; i0 + W <= nt; i0 += W) {
+        LT r[sizeof(LT) / sizeof(T)];
+        for (int64_t j = 0; j < W; ++j) r[j] = FN(load)(src + (row0 + j) * L + t0 + i0);
+        VTRANSPOSE(r);
+        for (int64_t i = 0; i < W; ++i) FN(store)(tile + (i0 + i) * W, r[i]);
+    }
+#endif
     for (int64_t j = 0; j < W; ++j) {
         const T *s = src + (row0 + j) * L + t0;
-        for (int64_t i = 0; i < nt; ++i) tile[i * W + j] = s[i];
+        for (int64_t i = i0; i < nt; ++i) tile[i * W + j] = s[i];
     }
 }
 static inline void FN(scatter)(T *dst, const T *tile, int64_t row0, int64_t L, int64_t t0, int64_t nt) {
+    int64_t i0 = 0;
+#ifdef VTRANSPOSE
+    for (; i0 + W <= nt; i0 += W) {
+        LT r[sizeof(LT) / sizeof(T)];
+        for (int64_t i = 0; i < W; ++i) r[i] = FN(load)(tile + (i0 + i) * W);
+        VTRANSPOSE(r);
+        for (int64_t j = 0; j < W; ++j) FN(store)(dst + (row0 + j) * L + t0 + i0, r[j]);
+    }
+#endif
     for (int64_t j = 0; j < W; ++j) {
         T *d = dst + (row0 + j) * L + t0;
-        for (int64_t i = 0; i < nt; ++i) d[i] = tile[i * W + j];
+        for (int64_t i = i0; i < nt; ++i) d[i] = tile[i * W + j];
     }
 }
 /* dt tile from the delta tile: + bias, softplus; with sig, also sigmoid(delta + bias) (softplus') */
