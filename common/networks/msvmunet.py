@@ -91,7 +91,8 @@ class MSConv(nn.Module):
         kernel_sizes: the odd kernel sizes of the parallel depth-wise convolutions.
         fused: run the one summed convolution (default); ``False`` runs the original's form (three
             convolutions and the sum), which :func:`common.networks.complexity.count_flops` uses so
-            that FLOPs follow the paper's count.
+            that FLOPs follow the paper's count. ONNX export always writes that form (the exporter
+            cannot give a computed kernel a static shape).
     """
 
     def __init__(self, dim: int, kernel_sizes: Sequence[int] = (1, 3, 5), fused: bool = True) -> None:
@@ -113,7 +114,8 @@ class MSConv(nn.Module):
         return weight + centre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
+        # the ONNX exporter cannot give the computed kernel a static shape: it exports the original's form
+        if not self.fused or torch.onnx.is_in_onnx_export():
             out = x
             for conv in self.dw_convs:
                 out = out + conv(x)
