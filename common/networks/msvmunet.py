@@ -109,8 +109,9 @@ class MSConv(nn.Module):
         """The one ``(dim, 1, K, K)`` depth-wise kernel equal to the identity plus every ``dw_convs``."""
         big = self.kernel
         weight = sum(nn.functional.pad(conv.weight, [(big - conv.kernel_size[0]) // 2] * 4) for conv in self.dw_convs)
-        centre = torch.zeros(big, big, dtype=weight.dtype, device=weight.device)
-        centre[big // 2, big // 2] = 1.0
+        # the identity as a padded 1x1 one: no element write from a Python number, which on CUDA is a
+        # synchronising host-to-device copy (a CUDA-graph training step must not hold one)
+        centre = nn.functional.pad(torch.ones(1, 1, 1, 1, dtype=weight.dtype, device=weight.device), [big // 2] * 4)
         return weight + centre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
