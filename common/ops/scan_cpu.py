@@ -2,12 +2,15 @@
 
 The pure-PyTorch backend (:mod:`common.ops.scan_torch`) is memory-bound: every one of its ~10
 tensor passes over the ``(L, batch, dim, N)`` states goes through memory. Here one C loop per
-(batch, block of 8 channels, one 256-bit vector) keeps the states in registers and vectorises across
-the channels (``csrc/selective_scan_cpu.c``): forward, and a backward that recomputes the states
+(batch, block of 16 channels: one AVX-512 vector; 8 channels, one 256-bit vector, without AVX-512 or
+where 16 does not divide the channels of a B / C group) keeps the states in registers and vectorises
+across the channels (``csrc/selective_scan_cpu.c``): forward, and a backward that recomputes the states
 segment by segment (every ``K`` = 16 steps, so a segment's states and decays stay in L1) from
 checkpoints the forward kept, then runs the adjoint recurrence backwards. Softplus, ``delta_bias``,
 ``D`` and the ``z`` gate are fused into the kernel. The grouped ``dB`` / ``dC`` of a step (a sum over
-the block's channels for each state) are reduced 8 states at a time with vector shuffles. Float32
+the block's channels for each state) are reduced 16 or 8 states at a time with vector shuffles; the
+segment tiles are transposed in registers. Multiply-adds compile to FMA instructions
+(``-ffp-contract=fast``). Float32
 state math for float32/bf16/fp16 inputs, float64 for float64.
 
 Build: the first call compiles the C file with the machine's C compiler (``$CC``, else ``cc`` /
