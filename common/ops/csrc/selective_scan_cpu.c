@@ -82,10 +82,6 @@ static inline float exp_f32(float x) {
     return p * scale;
 }
 
-/* Per vector width (VF floats, VI int32 of the same lane count): select(m, a, b) (a where the lane
- * mask m is set, else b), exp and softplus. softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e)
- * for e in (0, 1] as 2 atanh(e / (2 + e)), an odd series in s = e / (2 + e) <= 1/3 (7 terms:
- * relative error < 1e-7, exact for tiny e). */
 /* Clamps and the scaling by 2^k: one instruction each with AVX-512 (16 lanes) or AVX (8), else
  * generic code (compare and select; k into the exponent bits). The results are the same: x is
  * clamped first, so p * 2^k is a normal number and exact either way. */
@@ -98,6 +94,7 @@ static inline float exp_f32(float x) {
 #define MAX_vf8(a, b) ((vf8)_mm256_max_ps((__m256)(a), (__m256)(b)))
 #define MIN_vf8(a, b) ((vf8)_mm256_min_ps((__m256)(a), (__m256)(b)))
 #endif
+/* select(m, a, b): a where the lane mask m is set (-1), else b */
 #define VEC_SEL(VF, VI) \
     static inline VF sel_##VF(VI m, VF a, VF b) { return (VF)(((VI)a & m) | ((VI)b & ~m)); }
 VEC_SEL(vf8, vi8)
@@ -115,6 +112,9 @@ VEC_SEL(vf16, vi16)
 #endif
 #define SCALE2_vf8(p, k) ((p) * (vf8)((__builtin_convertvector(k, vi8) + 127) << 23))
 
+/* Per vector width (VF floats, VI int32 of the same lane count): exp and softplus. softplus(x) =
+ * max(x, 0) + log1p(exp(-|x|)); log1p(e) for e in (0, 1] as 2 atanh(e / (2 + e)), an odd series in
+ * s = e / (2 + e) <= 1/3 (7 terms: relative error < 1e-7, exact for tiny e). */
 #define VEC_MATH(VF, VI)                                                          \
     static inline VF exp_##VF(VF x) {                                             \
         x = MIN_##VF(MAX_##VF(x, -87.0f - (VF){0}), 88.0f - (VF){0});             \
@@ -139,31 +139,16 @@ VEC_SEL(vf16, vi16)
 VEC_MATH(vf8, vi8)
 VEC_MATH(vf16, vi16)
 
-/* the lane sums of 8 vectors at once, as one vector: three rounds of pairwise shuffles and adds
- * (21 operations instead of 8 horizontal sums). out[k] = sum_j v[k][j]. */
-#if defined(__clang__)
-#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
-#else
-#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (vi8){i0, i1, i2, i3, i4, i5, i6, i7})
-#endif
-static inline vf8 sum8x8_vf8(const vf8 *v) {
-    vf8 p[4], q[2];
-    for (int i = 0; i < 4; ++i)
-        p[i] = SHUF8(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-               SHUF8(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-    for (int i = 0; i < 2; ++i)
-        q[i] = SHUF8(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-               SHUF8(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    return SHUF8(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF8(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
-}
 /* Level-h block swaps of two vectors (h = 1, 2, 4, 8): lo takes a's lanes j with bit h clear and
  * b's lanes j - h for the lanes with it set; hi takes a's lanes j + h (bit h clear) and b's lanes j
  * (set). Applied to rows i and i + h of a W x W tile for every h, they transpose it (each level swaps
  * bit h of the row index with bit h of the column index); applied to pairs of sums, they give the
  * lane sums of W vectors as one vector (sum16x16_vf16). */
 #if defined(__clang__)
+#define SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #define SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
+#define SHUF8(a, b, ...) __builtin_shuffle(a, b, (vi8){__VA_ARGS__})
 #define SHUF16(a, b, ...) __builtin_shuffle(a, b, (vi16){__VA_ARGS__})
 #endif
 #define LO8_1(a, b) SHUF8(a, b, 0, 8, 2, 10, 4, 12, 6, 14)
@@ -198,6 +183,14 @@ static inline void transpose_vf16(vf16 *r) {
     SWAP_LEVEL(16, 2, r)
     SWAP_LEVEL(16, 4, r)
     SWAP_LEVEL(16, 8, r)
+}
+/* the lane sums of 8 vectors at once, as one vector: three rounds of pairwise shuffles and adds
+ * (21 operations instead of 8 horizontal sums). out[k] = sum_j v[k][j]. */
+static inline vf8 sum8x8_vf8(const vf8 *v) {
+    vf8 p[4], q[2];
+    for (int i = 0; i < 4; ++i) p[i] = LO8_1(v[2 * i], v[2 * i + 1]) + HI8_1(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 2; ++i) q[i] = LO8_2(p[2 * i], p[2 * i + 1]) + HI8_2(p[2 * i], p[2 * i + 1]);
+    return LO8_4(q[0], q[1]) + HI8_4(q[0], q[1]);
 }
 /* the lane sums of 16 vectors of 16 lanes as one vector (45 operations): out[k] = sum_j v[k][j] */
 static inline vf16 sum16x16_vf16(const vf16 *v) {
