@@ -51,6 +51,8 @@ def test_forward_shapes_and_errors():
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="multiple of 32"):
         mssmamba(1, 9, 100)
+    with pytest.raises(ValueError, match="at least 64"):  # not a RuntimeError from avg_pool2d in forward
+        mssmamba(1, 9, 32)
 
 
 def test_every_part_is_trained():

@@ -482,7 +482,8 @@ class MSSMamba(nn.Module):
     Args:
         in_channels: input channels; 1 (grey CT) is repeated to the 3 the ResNet stem takes.
         num_classes: output classes (Synapse: 9, background included).
-        img_size: input height = width (the token position embeddings depend on it; multiple of 32).
+        img_size: input height = width (the token position embeddings depend on it; a multiple of 32,
+            at least 64).
         drop_path_rate: stochastic depth of the VSS layers (0 -> this over the 4-stage VSSM, as built).
         use_checkpoint: gradient checkpointing of the VSS blocks.
         scan_backend: selective-scan backend (``None``: automatic).
@@ -493,8 +494,9 @@ class MSSMamba(nn.Module):
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"MSSMamba: in_channels must be 1 (repeated to 3) or 3, got {in_channels}")
-        if img_size % 32:
-            raise ValueError(f"MSSMamba: img_size must be a multiple of 32, got {img_size}")
+        if img_size % 32 or img_size < 64:
+            raise ValueError(f"MSSMamba: img_size must be a multiple of 32 and at least 64 (at 32 the multi-scale "
+                             f"blocks pool the 1 x 1 bottom map to nothing), got {img_size}")
         self.in_channels, self.num_classes, self.img_size = in_channels, num_classes, img_size
         self.All2Cross = All2Cross(img_size, 3, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
                                    scan_backend=scan_backend)
