@@ -366,17 +366,22 @@ static inline LT FN(bc)(const T *P, int fixed, int64_t dim, int64_t d0, int64_t 
 /* per-channel vector (D, bias) of the block, or 0 */
 static inline LT FN(chan)(const T *v, int64_t d0) { return v ? FN(load)(v + d0) : FN(bcast)(0); }
 
+#ifdef VTRANSPOSE
+/* one W x W block: dst[k * dst_stride + i] = src[i * src_stride + k], through W vector loads, an
+ * in-register transpose and W vector stores */
+static inline void FN(transpose_block)(T *dst, int64_t dst_stride, const T *src, int64_t src_stride) {
+    LT r[sizeof(LT) / sizeof(T)];
+    for (int64_t i = 0; i < W; ++i) r[i] = FN(load)(src + i * src_stride);
+    VTRANSPOSE(r);
+    for (int64_t k = 0; k < W; ++k) FN(store)(dst + k * dst_stride, r[k]);
+}
+#endif
 /* tile[i * W + j] = src[(row0 + j) * L + t0 + i]: W channel rows into a (nt, W) tile; whole W x W
- * blocks with vector loads and an in-register transpose, the rest element by element */
+ * blocks transposed in registers, the rest element by element */
 static inline void FN(gather)(T *tile, const T *src, int64_t row0, int64_t L, int64_t t0, int64_t nt) {
     int64_t i0 = 0;
 #ifdef VTRANSPOSE
-    for (; i0 + W <= nt; i0 += W) {
-        LT r[sizeof(LT) / sizeof(T)];
-        for (int64_t j = 0; j < W; ++j) r[j] = FN(load)(src + (row0 + j) * L + t0 + i0);
-        VTRANSPOSE(r);
-        for (int64_t i = 0; i < W; ++i) FN(store)(tile + (i0 + i) * W, r[i]);
-    }
+    for (; i0 + W <= nt; i0 += W) FN(transpose_block)(tile + i0 * W, W, src + row0 * L + t0 + i0, L);
 #endif
     for (int64_t j = 0; j < W; ++j) {
         const T *s = src + (row0 + j) * L + t0;
@@ -386,12 +391,7 @@ static inline void FN(gather)(T *tile, const T *src, int64_t row0, int64_t L, in
 static inline void FN(scatter)(T *dst, const T *tile, int64_t row0, int64_t L, int64_t t0, int64_t nt) {
     int64_t i0 = 0;
 #ifdef VTRANSPOSE
-    for (; i0 + W <= nt; i0 += W) {
-        LT r[sizeof(LT) / sizeof(T)];
-        for (int64_t i = 0; i < W; ++i) r[i] = FN(load)(tile + (i0 + i) * W);
-        VTRANSPOSE(r);
-        for (int64_t j = 0; j < W; ++j) FN(store)(dst + (row0 + j) * L + t0 + i0, r[j]);
-    }
+    for (; i0 + W <= nt; i0 += W) FN(transpose_block)(dst + row0 * L + t0 + i0, L, tile + i0 * W, W);
 #endif
     for (int64_t j = 0; j < W; ++j) {
         T *d = dst + (row0 + j) * L + t0;
