@@ -8,7 +8,8 @@ launch options (8-channel blocks, 16 states, D, delta_bias, softplus, states eve
 dt, 2 blocks per backward program), with the integer arguments marked divisible by 16 as Triton's
 runtime specialization marks them at the networks' shapes (L 64 ... 12544), and prints per kernel
 and input dtype: registers, stack bytes (spills), and the instruction count and mix of the longest
-loop (the chunk loop: 4 steps of one block in the forward, of 2 blocks in the backward). Layout
+loop (the chunk loop: 4 steps of one block in the forward, of 2 blocks in the backward); the backward
+with its B / C reads and dB / dC writes per step and as 4-step vectors (``STEP_CONFIG["bwd_vec"]``). Layout
 decisions show here first: a loop with 64 SHFL where 8 are needed, BAR / STS / LDS from shared-
 memory layout conversions, MUFU counted twice where a recurrence was computed in two layouts. Run it
 once per Triton version (each in its own virtual environment) to see where versions differ.
@@ -96,8 +97,14 @@ def main(argv=None):
     fwd = dict(common, SAVE_STATES=True, LOCAL=False, STORE_DT=True, SA=step.get("SA"),
                PREFETCH=step.get("prefetch_fwd"))
     bwd = dict(common, B_ATOMIC=False, C_ATOMIC=False, NSUB=2, DT_STORED=True, SA=step.get("SA"))
+    kernels = [("forward", st._fwd_kernel_s, fwd)]
+    if "VEC" in st._bwd_kernel_s.arg_names:  # the backward's scalar and vector B / C accesses (bwd_vec)
+        kernels += [("backward", st._bwd_kernel_s, dict(bwd, VEC=False)),
+                    ("backward, bwd_vec", st._bwd_kernel_s, dict(bwd, VEC=True))]
+    else:
+        kernels.append(("backward", st._bwd_kernel_s, bwd))
     rows = []
-    for name, fn, consts in (("forward", st._fwd_kernel_s, fwd), ("backward", st._bwd_kernel_s, bwd)):
+    for name, fn, consts in kernels:
         consts = {k: v for k, v in consts.items() if v is not None}
         for dtype in args.dtypes:
             row = dict(module=args.module, triton=triton.__version__, kernel=name, dtype=dtype,

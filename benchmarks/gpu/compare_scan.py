@@ -331,6 +331,24 @@ def step_blocks(rows):
         emit(rows, res)
 
 
+def reg_caps(rows, fwd_caps=(112,), bwd_caps=(232, 224, 200)):
+    """At the N = 16 training scans: the step kernels with register caps (Triton's maxnreg), which let
+    more one-warp programs share a multiprocessor, so that a grid just over one wave (Mamba-HUNet's stage
+    1 backward: 1152 programs at 8 per multiprocessor on 132) fits in fewer; forward ms with each forward
+    cap, backward ms (forward + backward minus the shipped forward) with each backward cap."""
+    for shape in STEP_TRAIN_SHAPES:
+        res = dict(kind="reg_caps", shape=label(shape))
+        base = time_with(shape, {}, 1)
+        if base is None:
+            continue
+        res["shipped"] = [round(base[0], 4), round(base[1], 4), round(base[1] - base[0], 4)]
+        res["fwd"] = {str(c): round(t[0], 4) for c in fwd_caps
+                      if (t := time_with(shape, {"step": {"fwd_maxnreg": c}}, 1)) is not None}
+        res["bwd"] = {str(c): round(t[1] - base[0], 4) for c in bwd_caps
+                      if (t := time_with(shape, {"step": {"bwd_maxnreg": c}}, 1)) is not None}
+        emit(rows, res)
+
+
 def plane_configs(auto):
     """(chunk elements, num_warps) of the plane kernels: the shipped choice and its neighbours."""
     return [(256, 4), (512, 4), (512, 8), (1024, 8), (1024, 16), (2048, 16)]
@@ -463,6 +481,8 @@ def main():
                                                                 "configurations")
     ap.add_argument("--step-blocks", action="store_true", help="the step kernels' channel blocks at the N = 16 "
                                                                "training scans of Mamba-HUNet and MSSMamba")
+    ap.add_argument("--reg-caps", action="store_true", help="register caps of the step kernels at the N = 16 "
+                                                             "training scans")
     ap.add_argument("--graphs", action="store_true", help="time the scans as CUDA-graph replays (kernels only)")
     ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap: --compare and --ss2d "
                                                  "then use those kernels (also after --sweep: its best)")
@@ -488,6 +508,8 @@ def main():
         step_sweep(rows, args.repeats)
     if args.step_blocks:
         step_blocks(rows)
+    if args.reg_caps:
+        reg_caps(rows)
     if args.segments:
         segments(rows, args.repeats)
     if args.sweep:

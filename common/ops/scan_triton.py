@@ -922,11 +922,11 @@ def _s_adjoint(
 @triton.jit
 def _s_block(
     g, dA, dD, dbias, A, Dv, bias, d0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
-    B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
+    B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3,
     u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
     BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, CDT: tl.constexpr, SAVE_EVERY: tl.constexpr, REV: tl.constexpr,
-    DT_STORED: tl.constexpr, SA: tl.constexpr,
+    DT_STORED: tl.constexpr, SA: tl.constexpr, VEC: tl.constexpr,
 ):
     # one block of BD channels through one 4-step chunk: the states from the stored state (advanced
     # over the chunks since it, when the forward stored every SAVE_EVERY-th), then the adjoint steps in
@@ -944,12 +944,25 @@ def _s_block(
     A2 = A * _LOG2E
     if SAVE_EVERY > 1:
         for k in range(c - c % SAVE_EVERY, c):
-            for j in tl.static_range(4):
-                tk = k * 4 + j
-                pk = _rev_pos(tk, L, rv, REV)
-                Bk = _s_load_bc(B_ptr, b_full, tk, pk, L, mask_n, CDT)
-                _, h, _, _, _ = _s_recompute(h, A2, row, urow, tk, pk, L, u_ptr, dts_ptr, Bk, bias, DT_STORED,
-                                             HAS_BIAS, SOFTPLUS, CDT)
+            if VEC:  # B as one 4-step vector per state
+                tk, mk = _s_fwd_pos(k, tt, L, rv, REV)
+                Bk0, Bk1, Bk2, Bk3 = _v_steps(tl.load(B_ptr + b_full3 + tk, mask=mask_n3 & mk, other=0.0).to(CDT),
+                                              rv, REV)
+                _, h, _, _, _ = _s_recompute(h, A2, row, urow, k * 4, _rev_pos(k * 4, L, rv, REV), L, u_ptr,
+                                             dts_ptr, Bk0, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
+                _, h, _, _, _ = _s_recompute(h, A2, row, urow, k * 4 + 1, _rev_pos(k * 4 + 1, L, rv, REV), L, u_ptr,
+                                             dts_ptr, Bk1, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
+                _, h, _, _, _ = _s_recompute(h, A2, row, urow, k * 4 + 2, _rev_pos(k * 4 + 2, L, rv, REV), L, u_ptr,
+                                             dts_ptr, Bk2, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
+                _, h, _, _, _ = _s_recompute(h, A2, row, urow, k * 4 + 3, _rev_pos(k * 4 + 3, L, rv, REV), L, u_ptr,
+                                             dts_ptr, Bk3, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
+            else:
+                for j in tl.static_range(4):
+                    tk = k * 4 + j
+                    pk = _rev_pos(tk, L, rv, REV)
+                    Bk = _s_load_bc(B_ptr, b_full, tk, pk, L, mask_n, CDT)
+                    _, h, _, _, _ = _s_recompute(h, A2, row, urow, tk, pk, L, u_ptr, dts_ptr, Bk, bias, DT_STORED,
+                                                 HAS_BIAS, SOFTPLUS, CDT)
     p0 = _rev_pos(t0, L, rv, REV)
     p1 = _rev_pos(t0 + 1, L, rv, REV)
     p2 = _rev_pos(t0 + 2, L, rv, REV)
@@ -1064,7 +1077,7 @@ def _bwd_kernel_s(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr, SAVE_EVERY: tl.constexpr,
-    REV: tl.constexpr, DT_STORED: tl.constexpr, SA: tl.constexpr,
+    REV: tl.constexpr, DT_STORED: tl.constexpr, SA: tl.constexpr, VEC: tl.constexpr,
 ):
     # "step" backward. Per-step (channels, states) tiles, the states on axis SA as in the forward (Triton 3.6 and 3.7+
     # give the lanes to different axes of equally contiguous loads and stores, such as the per-step dB / dC; with SA
@@ -1106,7 +1119,20 @@ def _bwd_kernel_s(
         b_put = b_full + ((p0 % dpg_b) // (NSUB * BD)).to(tl.int64) * part_b
     if not C_ATOMIC:
         c_put = c_full + ((p0 % dpg_c) // (NSUB * BD)).to(tl.int64) * part_c
+    b_put3 = tl.expand_dims(b_off, 2)  # (VEC) the states' offsets of dB / dC, without the channel axis
+    c_put3 = tl.expand_dims(c_off, 2)
+    if not B_ATOMIC:
+        b_put3 += ((p0 % dpg_b) // (NSUB * BD)).to(tl.int64) * part_b
+    if not C_ATOMIC:
+        c_put3 += ((p0 % dpg_c) // (NSUB * BD)).to(tl.int64) * part_c
     first = dl == 0
+    # VEC: B and C read, and dB / dC written, per 4-step chunk as one contiguous vector per state (chunk tiles
+    # with the time axis inside the thread, split into the per-step tiles and joined back)
+    tt = tl.arange(0, 4)[None, None, :]
+    nn3 = tl.expand_dims(nn, 2)
+    mask_n3 = nn3 < n_state
+    b_full3 = tl.expand_dims(b_full, 2)
+    c_full3 = tl.expand_dims(c_full, 2)
     da = p0 + dl
     A_a = tl.load(A_ptr + da * n_state + nn * st_n, mask=mask_n, other=0.0).to(CDT)
     D_a = _s_channel(D_ptr, da, HAS_D, CDT)
@@ -1133,36 +1159,45 @@ def _bwd_kernel_s(
         q1 = _rev_pos(t0 + 1, L, rv, REV)
         q2 = _rev_pos(t0 + 2, L, rv, REV)
         q3 = _rev_pos(t0 + 3, L, rv, REV)
-        B0 = _s_load_bc(B_ptr, b_full, t0, q0, L, mask_n, CDT)
-        B1 = _s_load_bc(B_ptr, b_full, t0 + 1, q1, L, mask_n, CDT)
-        B2 = _s_load_bc(B_ptr, b_full, t0 + 2, q2, L, mask_n, CDT)
-        B3 = _s_load_bc(B_ptr, b_full, t0 + 3, q3, L, mask_n, CDT)
-        C0 = _s_load_bc(C_ptr, c_full, t0, q0, L, mask_n, CDT)
-        C1 = _s_load_bc(C_ptr, c_full, t0 + 1, q1, L, mask_n, CDT)
-        C2 = _s_load_bc(C_ptr, c_full, t0 + 2, q2, L, mask_n, CDT)
-        C3 = _s_load_bc(C_ptr, c_full, t0 + 3, q3, L, mask_n, CDT)
+        if VEC:
+            t3, m3 = _s_fwd_pos(c, tt, L, rv, REV)
+            B0, B1, B2, B3 = _v_steps(tl.load(B_ptr + b_full3 + t3, mask=mask_n3 & m3, other=0.0).to(CDT), rv, REV)
+            C0, C1, C2, C3 = _v_steps(tl.load(C_ptr + c_full3 + t3, mask=mask_n3 & m3, other=0.0).to(CDT), rv, REV)
+        else:
+            B0 = _s_load_bc(B_ptr, b_full, t0, q0, L, mask_n, CDT)
+            B1 = _s_load_bc(B_ptr, b_full, t0 + 1, q1, L, mask_n, CDT)
+            B2 = _s_load_bc(B_ptr, b_full, t0 + 2, q2, L, mask_n, CDT)
+            B3 = _s_load_bc(B_ptr, b_full, t0 + 3, q3, L, mask_n, CDT)
+            C0 = _s_load_bc(C_ptr, c_full, t0, q0, L, mask_n, CDT)
+            C1 = _s_load_bc(C_ptr, c_full, t0 + 1, q1, L, mask_n, CDT)
+            C2 = _s_load_bc(C_ptr, c_full, t0 + 2, q2, L, mask_n, CDT)
+            C3 = _s_load_bc(C_ptr, c_full, t0 + 3, q3, L, mask_n, CDT)
         g_a, dA_a, dD_a, db_a, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3 = _s_block(
             g_a, dA_a, dD_a, db_a, A_a, D_a, bias_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
-            B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
+            B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3,
             u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-            BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA)
+            BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA, VEC)
         if NSUB == 2:
             g_b, dA_b, dD_b, db_b, qB0, qB1, qB2, qB3, qC0, qC1, qC2, qC3 = _s_block(
                 g_b, dA_b, dD_b, db_b, A_b, D_b, bias_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
                 slot, rv,
-                B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full,
+                B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3,
                 u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-                BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA)
+                BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA, VEC)
             pB0, pB1, pB2, pB3 = pB0 + qB0, pB1 + qB1, pB2 + qB2, pB3 + qB3
             pC0, pC1, pC2, pC3 = pC0 + qC0, pC1 + qC1, pC2 + qC2, pC3 + qC3
-        _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC, SA)
-        _s_put(dB_ptr, b_put, first, t0 + 1, q1, L, mask_n, pB1, B_ATOMIC, SA)
-        _s_put(dB_ptr, b_put, first, t0 + 2, q2, L, mask_n, pB2, B_ATOMIC, SA)
-        _s_put(dB_ptr, b_put, first, t0 + 3, q3, L, mask_n, pB3, B_ATOMIC, SA)
-        _s_put(dC_ptr, c_put, first, t0, q0, L, mask_n, pC0, C_ATOMIC, SA)
-        _s_put(dC_ptr, c_put, first, t0 + 1, q1, L, mask_n, pC1, C_ATOMIC, SA)
-        _s_put(dC_ptr, c_put, first, t0 + 2, q2, L, mask_n, pC2, C_ATOMIC, SA)
-        _s_put(dC_ptr, c_put, first, t0 + 3, q3, L, mask_n, pC3, C_ATOMIC, SA)
+        if VEC:
+            _v_put(dB_ptr, b_put3, t3, m3, mask_n3, pB0, pB1, pB2, pB3, rv, B_ATOMIC, REV, SA)
+            _v_put(dC_ptr, c_put3, t3, m3, mask_n3, pC0, pC1, pC2, pC3, rv, C_ATOMIC, REV, SA)
+        else:
+            _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC, SA)
+            _s_put(dB_ptr, b_put, first, t0 + 1, q1, L, mask_n, pB1, B_ATOMIC, SA)
+            _s_put(dB_ptr, b_put, first, t0 + 2, q2, L, mask_n, pB2, B_ATOMIC, SA)
+            _s_put(dB_ptr, b_put, first, t0 + 3, q3, L, mask_n, pB3, B_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0, q0, L, mask_n, pC0, C_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0 + 1, q1, L, mask_n, pC1, C_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0 + 2, q2, L, mask_n, pC2, C_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0 + 3, q3, L, mask_n, pC3, C_ATOMIC, SA)
     bda = (pid_s * n_batch + pid_b) * dim + da  # per-segment partials
     tl.store(dA_ptr + bda * n_state + nn, dA_a, mask=mask_n)
     if HAS_D:
@@ -1176,6 +1211,37 @@ def _bwd_kernel_s(
             tl.store(dD_ptr + bdb, dD_b)
         if HAS_BIAS:
             tl.store(dbias_ptr + bdb, db_b)
+
+
+@triton.jit
+def _v_steps(x, rv, REV: tl.constexpr):
+    # a chunk tile (P, Q, 4), in memory order, as its 4 per-step (P, Q) tiles in time order
+    x0, x1, x2, x3 = _split4(x)
+    if REV:
+        x0, x1, x2, x3 = _flip4(x0, x1, x2, x3, rv)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _v_chunk(x0, x1, x2, x3, rv, REV: tl.constexpr):
+    # 4 per-step tiles in time order as a chunk tile in memory order (the inverse of _v_steps)
+    if REV:
+        x0, x1, x2, x3 = _flip4(x0, x1, x2, x3, rv)
+    return _join4(x0, x1, x2, x3)
+
+
+@triton.jit
+def _v_put(ptr, off3, t3, m3, mask_n3, p0, p1, p2, p3, rv, ATOMIC: tl.constexpr, REV: tl.constexpr,
+           SA: tl.constexpr):
+    # a chunk's time-varying dB / dC terms, summed over the program's channels, written as one 4-step vector
+    # per state (off3: the states' offsets, no channel axis); relaxed atomics where programs share a group
+    v = tl.expand_dims(_sum(_v_chunk(p0, p1, p2, p3, rv, REV), 1 - SA), 1 - SA)
+    if ATOMIC:
+        tl.atomic_add(ptr + off3 + t3, v, mask=mask_n3 & m3, sem="relaxed")
+    else:
+        tl.store(ptr + off3 + t3, v, mask=mask_n3 & m3)
+
+
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -1316,10 +1382,21 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # longest (MSSMamba's 192 @ 12544 bf16, b24 192 @ 4096 fp32), 10 % slower at b16 192 @ 3136 fp32.
 # "fwd_maxnreg": a register cap for the forward (Triton's maxnreg) to keep more programs resident; 104
 # was slower at every shape measured (fp32 spills), so None: no cap.
+# "bwd_maxnreg": the same for the backward. At 255 registers 8 one-warp programs fit a multiprocessor,
+# and Mamba-HUNet's stage-1 backward (b24, 768 channels, 2 blocks of 8 a program: 1152 programs) is
+# 1.09 waves on 132 (Nsight Compute, H100: SM active 77 % of the kernel's cycles); 224 fits 9 (bf16 compiles
+# without spills, fp32 spills 48 bytes; offline sm_90). Not timed yet: None.
+# "bwd_vec": the backward reads B and C, and writes the per-program dB / dC, as one 4-step vector per
+# state (chunk tiles split into the per-step tiles and joined back), as the forward reads them, instead
+# of one scalar access per state and step. Nsight Compute on the scalar backward (H100, b24 192 @ 4096
+# bf16): L1/TEX 76 % busy, 56 % of global sectors excess, 39 % of the stall cycles waiting on L1/TEX
+# loads. Offline sm_90 SASS of the loop (Triton 3.6): bf16 1647 -> 1472 instructions, fp32 1465 -> 1323,
+# loads 128 -> 80, stores 48 -> 20, no spills. Not timed on a GPU yet: off.
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
-               "store_dt": True, "state_axis": None, "prefetch_fwd": True, "fwd_maxnreg": None}
+               "store_dt": True, "state_axis": None, "prefetch_fwd": True, "fwd_maxnreg": None,
+               "bwd_maxnreg": None, "bwd_vec": False}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -1383,6 +1460,7 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
                               conf["min_seg"], every, conf["segs_bwd"])
     sa = _STATE_AXIS if conf["state_axis"] is None else conf["state_axis"]
     return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, SA=sa, prefetch_fwd=conf["prefetch_fwd"], fwd_maxnreg=conf["fwd_maxnreg"],
+                bwd_maxnreg=conf["bwd_maxnreg"], bwd_vec=conf["bwd_vec"],
                 store_dt=conf["store_dt"], dbc=conf["dbc"], stages_fwd=conf["stages_fwd"],
                 stages_bwd=conf["stages_bwd"], save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f,
                 segs_bwd=segs_b, seg_chunks_bwd=per_b)
@@ -1581,7 +1659,8 @@ class SelectiveScanTriton(torch.autograd.Function):
                 *strides, **step_opts,
                 B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD_bwd"], BN=bn, NSUB=scfg["NSUB"],
                 NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], REV=bool(ctx.rev_slot),
-                DT_STORED=scfg["store_dt"], SA=scfg["SA"], num_warps=1,
+                DT_STORED=scfg["store_dt"], SA=scfg["SA"], VEC=scfg["bwd_vec"], num_warps=1,
+                **({"maxnreg": scfg["bwd_maxnreg"]} if scfg.get("bwd_maxnreg") else {}),
             )
             dB = dB.sum(0) if b_parts > 1 else dB
             dC = dC.sum(0) if c_parts > 1 else dC
