@@ -9,7 +9,8 @@ dt, 2 blocks per backward program), with the integer arguments marked divisible 
 runtime specialization marks them at the networks' shapes (L 64 ... 12544), and prints per kernel
 and input dtype: registers, stack bytes (spills), and the instruction count and mix of the longest
 loop (the chunk loop: 4 steps of one block in the forward, of 2 blocks in the backward); the backward
-with its B / C reads and dB / dC writes per step and as 4-step vectors (``STEP_CONFIG["bwd_vec"]``). Layout
+with its B / C reads and dB / dC writes per step and as 4-step vectors (``STEP_CONFIG["bwd_vec"]``), and
+both kernels with B / C chunk-interleaved (``STEP_CONFIG["bc_chunks"]``). Layout
 decisions show here first: a loop with 64 SHFL where 8 are needed, BAR / STS / LDS from shared-
 memory layout conversions, MUFU counted twice where a recurrence was computed in two layouts. Run it
 once per Triton version (each in its own virtual environment) to see where versions differ.
@@ -36,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 FLOAT32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "states_ptr", "dts_ptr", "seg_h_ptr", "seg_dt_ptr", "last_ptr",
                     "q_ptr", "seg_g_ptr", "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr"}
 # integer arguments that are multiples of 16 at the networks' training shapes (st_n is unspecialized)
-DIVISIBLE = {"dim", "L", "n_state", "n_chunks", "n_saved", "seg_chunks"}
+DIVISIBLE = {"dim", "L", "n_state", "n_chunks", "n_saved", "seg_chunks", "bc_chunk"}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -97,12 +98,17 @@ def main(argv=None):
     fwd = dict(common, SAVE_STATES=True, LOCAL=False, STORE_DT=True, SA=step.get("SA"),
                PREFETCH=step.get("prefetch_fwd"))
     bwd = dict(common, B_ATOMIC=False, C_ATOMIC=False, NSUB=2, DT_STORED=True, SA=step.get("SA"))
+    if "IL" in st._fwd_kernel_s.arg_names:  # B / C chunk-interleaved (bc_chunks): off in the shipped rows
+        fwd, bwd = dict(fwd, IL=False), dict(bwd, IL=False)
     kernels = [("forward", st._fwd_kernel_s, fwd)]
     if "VEC" in st._bwd_kernel_s.arg_names:  # the backward's scalar and vector B / C accesses (bwd_vec)
         kernels += [("backward", st._bwd_kernel_s, dict(bwd, VEC=False)),
                     ("backward, bwd_vec", st._bwd_kernel_s, dict(bwd, VEC=True))]
     else:
         kernels.append(("backward", st._bwd_kernel_s, bwd))
+    if "IL" in st._fwd_kernel_s.arg_names:
+        kernels += [("forward, bc_chunks", st._fwd_kernel_s, dict(fwd, IL=True)),
+                    ("backward, bwd_vec + bc_chunks", st._bwd_kernel_s, dict(bwd, VEC=True, IL=True))]
     rows = []
     for name, fn, consts in kernels:
         consts = {k: v for k, v in consts.items() if v is not None}

@@ -232,6 +232,12 @@ STEP_CASES = [
     pytest.param(1, 32, 10, 16, 2, NONE, {"bwd_vec": True, "dbc": "atomic", "save_every": 4}, id="vec-atomics-every-4th"),
     pytest.param(2, 32, 37, 16, 1, dict(ALL, with_z=False), {"bwd_vec": True, "segs_fwd": 3, "segs_bwd": 2,
                                                              "store_dt": False}, id="vec-segments-dt-recomputed"),
+    # B / C chunk-interleaved (STEP_CONFIG["bc_chunks"]; L a multiple of 4), with both backward paths
+    pytest.param(1, 16, 12, 16, 1, ALL, {"bc_chunks": True, "bwd_vec": True}, id="il-vec-z-L12"),
+    pytest.param(2, 32, 16, 12, 2, dict(ALL, with_z=False), {"bc_chunks": True, "nsub": 1, "state_axis": 1},
+                 id="il-scalar-N12-groups"),
+    pytest.param(1, 32, 40, 16, 1, dict(NONE, last_state=True), {"bc_chunks": True, "bwd_vec": True, "dbc": "atomic",
+                                                                 "segs_fwd": 3, "segs_bwd": 2}, id="il-vec-atomics-segments"),
     # other channel blocks than 8, different in the forward and the backward (one pair per lane at 2 x 16)
     pytest.param(1, 32, 13, 16, 2, ALL, {"bd_fwd": 2, "bd_bwd": 4, "fwd_maxnreg": 104}, id="blocks-2-4-groups"),
     pytest.param(1, 32, 19, 16, 1, dict(ALL, with_z=False), {"bd_fwd": 16, "bd_bwd": 2, "segs_fwd": 2, "segs_bwd": 2},

@@ -331,21 +331,33 @@ def step_blocks(rows):
         emit(rows, res)
 
 
-def reg_caps(rows, fwd_caps=(112,), bwd_caps=(232, 224, 200)):
-    """At the N = 16 training scans: the step kernels with register caps (Triton's maxnreg), which let
-    more one-warp programs share a multiprocessor, so that a grid just over one wave (Mamba-HUNet's stage
-    1 backward: 1152 programs at 8 per multiprocessor on 132) fits in fewer; forward ms with each forward
-    cap, backward ms (forward + backward minus the shipped forward) with each backward cap."""
+# candidate step-kernel settings (STEP_CONFIG keys) not yet the default, for --step-variants
+STEP_VARIANTS = {
+    "bwd_vec": {"bwd_vec": True},
+    "bc_chunks": {"bc_chunks": True},
+    "bwd_vec+bc_chunks": {"bwd_vec": True, "bc_chunks": True},
+    "bwd_maxnreg224": {"bwd_maxnreg": 224},
+    "fwd_maxnreg112": {"fwd_maxnreg": 112},
+    "all": {"bwd_vec": True, "bc_chunks": True, "bwd_maxnreg": 224, "fwd_maxnreg": 112},
+}
+
+
+def step_variants(rows, names=None):
+    """At the N = 16 training scans: forward and forward + backward ms of the step kernels as shipped and
+    with each of ``STEP_VARIANTS`` (the backward's vector B / C accesses, chunk-interleaved B / C, register
+    caps that fit one more program per multiprocessor, all together), in the plain mode. The networks' SS2D
+    runs the bidirectional mode (reversed blocks); ``bench_trainer.py --scan-paths '{"step": {...}}'`` times a
+    setting there."""
     for shape in STEP_TRAIN_SHAPES:
-        res = dict(kind="reg_caps", shape=label(shape))
+        res = dict(kind="step_variants", shape=label(shape))
         base = time_with(shape, {}, 1)
         if base is None:
             continue
-        res["shipped"] = [round(base[0], 4), round(base[1], 4), round(base[1] - base[0], 4)]
-        res["fwd"] = {str(c): round(t[0], 4) for c in fwd_caps
-                      if (t := time_with(shape, {"step": {"fwd_maxnreg": c}}, 1)) is not None}
-        res["bwd"] = {str(c): round(t[1] - base[0], 4) for c in bwd_caps
-                      if (t := time_with(shape, {"step": {"bwd_maxnreg": c}}, 1)) is not None}
+        res["shipped"] = [round(base[0], 4), round(base[1], 4)]
+        for name in names or STEP_VARIANTS:
+            t = time_with(shape, {"step": STEP_VARIANTS[name]}, 1)
+            if t is not None:
+                res[name] = [round(t[0], 4), round(t[1], 4)]
         emit(rows, res)
 
 
@@ -481,8 +493,8 @@ def main():
                                                                 "configurations")
     ap.add_argument("--step-blocks", action="store_true", help="the step kernels' channel blocks at the N = 16 "
                                                                "training scans of Mamba-HUNet and MSSMamba")
-    ap.add_argument("--reg-caps", action="store_true", help="register caps of the step kernels at the N = 16 "
-                                                             "training scans")
+    ap.add_argument("--step-variants", nargs="*", default=None, choices=sorted(STEP_VARIANTS),
+                    help="candidate STEP_CONFIG settings at the N = 16 training scans (all when none is named)")
     ap.add_argument("--graphs", action="store_true", help="time the scans as CUDA-graph replays (kernels only)")
     ap.add_argument("--config", default="", help="time-in-thread config BLOCK_L,LN,NW,cap: --compare and --ss2d "
                                                  "then use those kernels (also after --sweep: its best)")
@@ -508,8 +520,8 @@ def main():
         step_sweep(rows, args.repeats)
     if args.step_blocks:
         step_blocks(rows)
-    if args.reg_caps:
-        reg_caps(rows)
+    if args.step_variants is not None:
+        step_variants(rows, args.step_variants or None)
     if args.segments:
         segments(rows, args.repeats)
     if args.sweep:
