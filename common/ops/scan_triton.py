@@ -1269,8 +1269,6 @@ def _v_put(ptr, off3, o3, m3, mask_n3, p0, p1, p2, p3, rv, ATOMIC: tl.constexpr,
         tl.store(ptr + off3 + o3, v, mask=mask_n3 & m3)
 
 
-
-
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap that divides n."""
     p = 1
@@ -1331,7 +1329,6 @@ def _interleave4(x: torch.Tensor):
 
 def _deinterleave4(x: torch.Tensor, shape) -> torch.Tensor:
     """The inverse of :func:`_interleave4`, ``shape`` being the input's."""
-    b, g, chunks, n, _ = x.shape
     return x.transpose(2, 3).reshape(shape)
 
 
