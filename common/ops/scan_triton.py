@@ -1141,16 +1141,16 @@ def _bwd_kernel_s(
     c_full = c_off + 0 * dl
     b_put = b_full
     c_put = c_full
-    if not B_ATOMIC:
-        b_put = b_full + ((p0 % dpg_b) // (NSUB * BD)).to(tl.int64) * part_b
-    if not C_ATOMIC:
-        c_put = c_full + ((p0 % dpg_c) // (NSUB * BD)).to(tl.int64) * part_c
     b_put3 = tl.expand_dims(b_off, 2)  # (VEC) the states' offsets of dB / dC, without the channel axis
     c_put3 = tl.expand_dims(c_off, 2)
-    if not B_ATOMIC:
-        b_put3 += ((p0 % dpg_b) // (NSUB * BD)).to(tl.int64) * part_b
+    if not B_ATOMIC:  # this program's partial slab
+        b_part = ((p0 % dpg_b) // (NSUB * BD)).to(tl.int64) * part_b
+        b_put = b_full + b_part
+        b_put3 = b_put3 + b_part
     if not C_ATOMIC:
-        c_put3 += ((p0 % dpg_c) // (NSUB * BD)).to(tl.int64) * part_c
+        c_part = ((p0 % dpg_c) // (NSUB * BD)).to(tl.int64) * part_c
+        c_put = c_full + c_part
+        c_put3 = c_put3 + c_part
     first = dl == 0
     # VEC: B and C read, and dB / dC written, per 4-step chunk as one contiguous vector per state (chunk tiles
     # with the time axis inside the thread, split into the per-step tiles and joined back)
@@ -1478,8 +1478,9 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
     mode, when the channel blocks (``STEP_CONFIG`` ``bd_fwd`` / ``bd_bwd``, 8) fit the groups; with
     ``STEP_CONFIG["small_n"]`` (or the path override ``"step"``) also to N < 8, in blocks of 32 / N
-    channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, fwd_maxnreg, store_dt, dbc, stages_fwd, stages_bwd,
-    save_every, segs_fwd, seg_chunks_fwd, segs_bwd, seg_chunks_bwd). ``NSUB`` is 2 where two blocks fit a
+    channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, fwd_maxnreg, bwd_maxnreg, bwd_vec, bc_chunks,
+    store_dt, dbc, stages_fwd, stages_bwd, save_every, segs_fwd, seg_chunks_fwd, segs_bwd, seg_chunks_bwd);
+    ``bc_chunks`` holds only where the length is a multiple of 4. ``NSUB`` is 2 where two blocks fit a
     group and the grid keeps at least ``min_programs`` (default 5 per multiprocessor) programs, else 1.
     """
     bn = triton.next_power_of_2(n_state)
@@ -1504,17 +1505,13 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
                               conf["min_seg"], every, conf["segs_bwd"])
     sa = _STATE_AXIS if conf["state_axis"] is None else conf["state_axis"]
     return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, SA=sa, prefetch_fwd=conf["prefetch_fwd"], fwd_maxnreg=conf["fwd_maxnreg"],
-                bwd_maxnreg=conf["bwd_maxnreg"], bwd_vec=conf["bwd_vec"], bc_chunks=conf["bc_chunks"],
+                bwd_maxnreg=conf["bwd_maxnreg"], bwd_vec=conf["bwd_vec"],
+                # B / C chunk-interleaved (_interleave4) where asked and L is a multiple of 4 (a reversed
+                # scan's chunks then stay aligned)
+                bc_chunks=bool(conf["bc_chunks"]) and length % 4 == 0,
                 store_dt=conf["store_dt"], dbc=conf["dbc"], stages_fwd=conf["stages_fwd"],
                 stages_bwd=conf["stages_bwd"], save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f,
                 segs_bwd=segs_b, seg_chunks_bwd=per_b)
-
-
-def _interleaves(scfg: dict, length: int, any_fixed: bool) -> bool:
-    """Whether the step kernels read B and C (and write dB / dC) chunk-interleaved (:func:`_interleave4`):
-    on request (``STEP_CONFIG["bc_chunks"]``), for time-varying B and C whose length is a multiple of 4 (a
-    reversed scan's chunks then stay aligned)."""
-    return bool(scfg.get("bc_chunks")) and length % 4 == 0 and not any_fixed
 
 
 class SelectiveScanTriton(torch.autograd.Function):
@@ -1572,7 +1569,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             out = torch.empty_like(delta, dtype=u.dtype)
             last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
             if scfg is not None:
-                if _interleaves(scfg, length, b_fixed or c_fixed):
+                if scfg["bc_chunks"]:
                     Bc, sbb, sbg, sbn = _interleave4(Bc)
                     Cc, scb, scg, scn = _interleave4(Cc)
                     strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
@@ -1595,7 +1592,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                         dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, 4 * n_state,
                         **step_opts, BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every,
                         LOCAL=local, REV=bool(rev_slot), STORE_DT=store_dt, SA=scfg["SA"],
-                        PREFETCH=scfg["prefetch_fwd"], IL=_interleaves(scfg, length, b_fixed or c_fixed),
+                        PREFETCH=scfg["prefetch_fwd"], IL=scfg["bc_chunks"],
                         num_warps=1, **({"maxnreg": scfg["fwd_maxnreg"]} if scfg["fwd_maxnreg"] else {}),
                     )
                 saved = (states, dts)
@@ -1675,7 +1672,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             states, dts = saved
             if not scfg["store_dt"]:  # recomputed from delta
                 dts = delta
-            il = _interleaves(scfg, length, b_fixed or c_fixed)
+            il = scfg["bc_chunks"]
             if il:
                 Bc, sbb, sbg, sbn = _interleave4(Bc)
                 Cc, scb, scg, scn = _interleave4(Cc)
