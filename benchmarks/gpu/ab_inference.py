@@ -66,7 +66,9 @@ def main(argv=None):
                          "and the norms before linear layers in float32 then cast), float32_norm_cast (only the "
                          "latter), channel_norm_all (every LayerNorm2d too through the channel-norm kernel, "
                          "common.ops.layer_norm scope 'all'), "
-                         "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins)")
+                         "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins), "
+                         "step=JSON (the step kernels with these STEP_CONFIG keys, e.g. "
+                         "'step={\"bc_chunks\": true}', batch norms folded)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
@@ -105,7 +107,7 @@ def main(argv=None):
                     mod.bidirectional_scan = False
         if v in ("ln_input_dtype", "fold_bn_ln_input_dtype"):  # the bundles' amp_input_dtype_norms
             layer_norms_in_input_dtype(m)
-        if v in ("fold_bn", "fold_bn_ln_input_dtype"):  # the bundles' fuse_conv_bn
+        if v in ("fold_bn", "fold_bn_ln_input_dtype") or v.startswith("step="):  # the bundles' fuse_conv_bn
             fuse_conv_bn_for_inference(m)
         if v == "compile":
             torch._dynamo.config.cache_size_limit = 64
@@ -117,6 +119,8 @@ def main(argv=None):
                             else "all" if name == "channel_norm_all" else DEFAULT_NORM_SCOPE)
         if name == "segments_before":
             scan_triton.CONFIG_OVERRIDE["step"] = {"seg_fwd_aim": 6, "min_seg_fwd": 32}
+        elif name.startswith("step="):
+            scan_triton.CONFIG_OVERRIDE["step"] = json.loads(name[len("step="):])
         else:
             scan_triton.CONFIG_OVERRIDE.pop("step", None)
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
