@@ -58,6 +58,8 @@ def main(argv=None):
                     "(which op launched the copies), with their input shapes")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="torch.compile the blocks' training forward (common.networks.compile_blocks)")
+    ap.add_argument("--fold-bn", action="store_true", help="with --inference: fold the batch norms into their "
+                    "convolutions, as the bundles' inference does (fuse_conv_bn)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.graphed and not args.inference:
@@ -96,6 +98,10 @@ def main(argv=None):
 
     if args.inference:
         model.eval()
+        if args.fold_bn:
+            from common.networks.blocks.layers import fuse_conv_bn_for_inference
+
+            fuse_conv_bn_for_inference(model)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
