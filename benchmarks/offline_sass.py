@@ -10,7 +10,8 @@ runtime specialization marks them at the networks' shapes (L 64 ... 12544), and 
 and input dtype: registers, stack bytes (spills), and the instruction count and mix of the longest
 loop (the chunk loop: 4 steps of one block in the forward, of 2 blocks in the backward); the backward
 with its B / C reads and dB / dC writes per step and as 4-step vectors (``STEP_CONFIG["bwd_vec"]``), and
-both kernels with B / C chunk-interleaved (``STEP_CONFIG["bc_chunks"]``). Layout
+in module copies that have them, both kernels with B / C chunk-interleaved (``IL``, tried and removed
+2026-12-07). Layout
 decisions show here first: a loop with 64 SHFL where 8 are needed, BAR / STS / LDS from shared-
 memory layout conversions, MUFU counted twice where a recurrence was computed in two layouts. Run it
 once per Triton version (each in its own virtual environment) to see where versions differ.

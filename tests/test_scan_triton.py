@@ -224,20 +224,16 @@ STEP_CASES = [
                  id="segments-groups-partials"),
     pytest.param(2, 16, 37, 12, 1, dict(NONE, last_state=True), {"segs_fwd": 3, "segs_bwd": 2, "nsub": 1},
                  id="segments-bare-N12"),
-    # the backward's B / C reads and dB / dC writes as 4-step vectors (STEP_CONFIG["bwd_vec"]): partial chunks,
-    # padded states, one block per program with partials, atomics, states every 4th chunk, time segments
-    pytest.param(1, 16, 11, 16, 1, ALL, {"bwd_vec": True}, id="vec-z-L11"),
-    pytest.param(2, 32, 9, 12, 2, dict(ALL, with_z=False), {"bwd_vec": True, "nsub": 1, "state_axis": 1},
-                 id="vec-N12-groups-nsub1-partials"),
-    pytest.param(1, 32, 10, 16, 2, NONE, {"bwd_vec": True, "dbc": "atomic", "save_every": 4}, id="vec-atomics-every-4th"),
-    pytest.param(2, 32, 37, 16, 1, dict(ALL, with_z=False), {"bwd_vec": True, "segs_fwd": 3, "segs_bwd": 2,
-                                                             "store_dt": False}, id="vec-segments-dt-recomputed"),
-    # B / C chunk-interleaved (STEP_CONFIG["bc_chunks"]; L a multiple of 4), with both backward paths
-    pytest.param(1, 16, 12, 16, 1, ALL, {"bc_chunks": True, "bwd_vec": True}, id="il-vec-z-L12"),
-    pytest.param(2, 32, 16, 12, 2, dict(ALL, with_z=False), {"bc_chunks": True, "nsub": 1, "state_axis": 1},
-                 id="il-scalar-N12-groups"),
-    pytest.param(1, 32, 40, 16, 1, dict(NONE, last_state=True), {"bc_chunks": True, "bwd_vec": True, "dbc": "atomic",
-                                                                 "segs_fwd": 3, "segs_bwd": 2}, id="il-vec-atomics-segments"),
+    # the backward's B / C reads and dB / dC writes one scalar per state and step (STEP_CONFIG["bwd_vec"] off;
+    # the cases above run the 4-step vectors): partial chunks, padded states, one block per program with
+    # partials, atomics, states every 4th chunk, time segments
+    pytest.param(1, 16, 11, 16, 1, ALL, {"bwd_vec": False}, id="scalar-bwd-z-L11"),
+    pytest.param(2, 32, 9, 12, 2, dict(ALL, with_z=False), {"bwd_vec": False, "nsub": 1, "state_axis": 1},
+                 id="scalar-bwd-N12-groups-nsub1-partials"),
+    pytest.param(1, 32, 10, 16, 2, NONE, {"bwd_vec": False, "dbc": "atomic", "save_every": 4},
+                 id="scalar-bwd-atomics-every-4th"),
+    pytest.param(2, 32, 37, 16, 1, dict(ALL, with_z=False), {"bwd_vec": False, "segs_fwd": 3, "segs_bwd": 2,
+                                                             "store_dt": False}, id="scalar-bwd-segments-dt-recomputed"),
     # other channel blocks than 8, different in the forward and the backward (one pair per lane at 2 x 16)
     pytest.param(1, 32, 13, 16, 2, ALL, {"bd_fwd": 2, "bd_bwd": 4, "fwd_maxnreg": 104}, id="blocks-2-4-groups"),
     pytest.param(1, 32, 19, 16, 1, dict(ALL, with_z=False), {"bd_fwd": 16, "bd_bwd": 2, "segs_fwd": 2, "segs_bwd": 2},

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -67,8 +68,9 @@ def main(argv=None):
                          "latter), channel_norm_all (every LayerNorm2d too through the channel-norm kernel, "
                          "common.ops.layer_norm scope 'all'), "
                          "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins), "
+                         "fold_bn_compile (folded, then torch.compile, then graphed), "
                          "step=JSON (the step kernels with these STEP_CONFIG keys, e.g. "
-                         "'step={\"bc_chunks\": true}', batch norms folded)")
+                         "'step={\"fwd_maxnreg\": 112}', batch norms folded)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
@@ -107,9 +109,9 @@ def main(argv=None):
                     mod.bidirectional_scan = False
         if v in ("ln_input_dtype", "fold_bn_ln_input_dtype"):  # the bundles' amp_input_dtype_norms
             layer_norms_in_input_dtype(m)
-        if v in ("fold_bn", "fold_bn_ln_input_dtype") or v.startswith("step="):  # the bundles' fuse_conv_bn
+        if v in ("fold_bn", "fold_bn_ln_input_dtype", "fold_bn_compile") or v.startswith("step="):  # fuse_conv_bn
             fuse_conv_bn_for_inference(m)
-        if v == "compile":
+        if v in ("compile", "fold_bn_compile"):
             torch._dynamo.config.cache_size_limit = 64
             m = torch.compile(m, dynamic=False)
         models[v] = m
@@ -139,7 +141,9 @@ def main(argv=None):
                 options(name)
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     if rnd == 0:
+                        start = time.perf_counter()
                         out = m(inp(name)).float()
+                        first_call_s = time.perf_counter() - start  # compile variants: the compilation
                         first = out if first is None else first
                     eager = timed(lambda m=m, name=name: m(inp(name)), device, max(5, args.repeat // 5), 3)
                     graphed = timed(lambda name=name: graphs[name](inp(name)), device, args.repeat, 3)
@@ -149,6 +153,7 @@ def main(argv=None):
                 row["graphed_ms"].append(round(graphed, 3))
                 if rnd == 0:
                     row["max_abs_diff_vs_first"] = (out - first).abs().max().item()
+                    row["first_call_s"] = round(first_call_s, 2)
                     row["output_scale"] = first.abs().max().item()
                 print(json.dumps(row), flush=True)
     options("current")

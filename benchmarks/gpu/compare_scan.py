@@ -331,21 +331,19 @@ def step_blocks(rows):
         emit(rows, res)
 
 
-# candidate step-kernel settings (STEP_CONFIG keys) not yet the default, for --step-variants
+# step-kernel settings (STEP_CONFIG keys) other than the default, for --step-variants (timed on an H100,
+# 2026-12-07: the vector backward became the default; the register caps were slower)
 STEP_VARIANTS = {
-    "bwd_vec": {"bwd_vec": True},
-    "bc_chunks": {"bc_chunks": True},
-    "bwd_vec+bc_chunks": {"bwd_vec": True, "bc_chunks": True},
+    "scalar_bwd": {"bwd_vec": False},
     "bwd_maxnreg224": {"bwd_maxnreg": 224},
     "fwd_maxnreg112": {"fwd_maxnreg": 112},
-    "all": {"bwd_vec": True, "bc_chunks": True, "bwd_maxnreg": 224, "fwd_maxnreg": 112},
 }
 
 
 def step_variants(rows, names=None):
     """At the N = 16 training scans: forward and forward + backward ms of the step kernels as shipped and
-    with each of ``STEP_VARIANTS`` (the backward's vector B / C accesses, chunk-interleaved B / C, register
-    caps that fit one more program per multiprocessor, all together), in the plain mode. The networks' SS2D
+    with each of ``STEP_VARIANTS`` (the backward's scalar B / C accesses as before 2026-12-07, register caps
+    that fit one more program per multiprocessor), in the plain mode. The networks' SS2D
     runs the bidirectional mode (reversed blocks); ``bench_trainer.py --scan-paths '{"step": {...}}'`` times a
     setting there."""
     for shape in STEP_TRAIN_SHAPES:

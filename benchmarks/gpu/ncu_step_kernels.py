@@ -3,7 +3,7 @@
     ncu --kernel-name regex:"_fwd_kernel_s|_bwd_kernel_s|_bwd_local" --launch-skip 2 --launch-count 2 \\
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \\
         --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \\
-        python benchmarks/gpu/ncu_step_kernels.py --step '{"bwd_vec": true}' > $OUT/ncu.txt
+        python benchmarks/gpu/ncu_step_kernels.py --step '{"bwd_vec": false}' > $OUT/ncu.txt
 
 The default shape is Mamba-HUNet's stage-1 training scan (batch 24, 4 x 192 channels, L 4096, N 16, bf16,
 softplus, D, delta_bias), as in ``benchmarks/results/ncu_and_sass_step_kernels_2026-12-07.json``. The first

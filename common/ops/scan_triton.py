@@ -684,30 +684,6 @@ def _rev_pos(t, L, rv, REV: tl.constexpr):
 
 
 @triton.jit
-def _il(p, chunk, IL: tl.constexpr):
-    # where step p of a B / C row lies: p itself, or with IL in the chunk-interleaved layout (per group
-    # (L / 4, N, 4): chunk = 4 N elements per 4-step chunk, a state's 4 steps adjacent)
-    if IL:
-        return p + (p // 4) * (chunk - 4)
-    else:
-        return p
-
-
-@triton.jit
-def _bc_at(c, tt, t, L, rv, chunk, REV: tl.constexpr, IL: tl.constexpr):
-    # the offsets of chunk c's 4 steps (memory positions t, from _s_fwd_pos) in a B / C row: t, or with IL
-    # chunk c's run in the interleaved layout (L % 4 == 0: a reversed block's chunk c is chunk L / 4 - 1 - c),
-    # written so that the compiler sees 4 contiguous elements
-    if IL:
-        if REV:
-            return tl.where(rv, L // 4 - 1 - c, c) * chunk + tt
-        else:
-            return c * chunk + tt
-    else:
-        return t
-
-
-@triton.jit
 def _s_fwd_pos(c, tt, L, rv, REV: tl.constexpr):
     # the memory positions of chunk c's 4 steps (a backward block's chunk c: L - 4 - 4c + (0..3), walked
     # in reverse in registers) and their mask
@@ -721,17 +697,16 @@ def _s_fwd_pos(c, tt, L, rv, REV: tl.constexpr):
 
 @triton.jit
 def _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c, tt, mask_n, L, rv, REV: tl.constexpr,
-                 LOCAL: tl.constexpr, chunk, IL: tl.constexpr):
+                 LOCAL: tl.constexpr):
     # chunk c's u, delta, B and C (C not in the local pass: B again), as stored; zeros past the ends
     t, mask_t = _s_fwd_pos(c, tt, L, rv, REV)
     mnt = mask_n & mask_t
     u = tl.load(u_ptr + urow + t, mask=mask_t, other=0.0)
     dt = tl.load(dt_ptr + row + t, mask=mask_t, other=0.0)
-    o = _bc_at(c, tt, t, L, rv, chunk, REV, IL)
-    Bv = tl.load(B_ptr + b_off + o, mask=mnt, other=0.0)
+    Bv = tl.load(B_ptr + b_off + t, mask=mnt, other=0.0)
     Cv = Bv
     if not LOCAL:
-        Cv = tl.load(C_ptr + c_off + o, mask=mnt, other=0.0)
+        Cv = tl.load(C_ptr + c_off + t, mask=mnt, other=0.0)
     return u, dt, Bv, Cv
 
 
@@ -741,11 +716,11 @@ def _fwd_kernel_s(
     out_ptr, last_ptr, states_ptr, dts_ptr, seg_h_ptr, seg_dt_ptr,
     dim, L, n_state, n_chunks, n_saved, st_n, seg_chunks, n_segs, slot,
     sb_batch, sb_group, sb_n, dpg_b,
-    sc_batch, sc_group, sc_n, dpg_c, bc_chunk,
+    sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NUM_STAGES: tl.constexpr,
     SAVE_EVERY: tl.constexpr, LOCAL: tl.constexpr, REV: tl.constexpr, STORE_DT: tl.constexpr, SA: tl.constexpr,
-    PREFETCH: tl.constexpr, IL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # "step" forward (time-varying B and C, 8 <= N <= 32). Tiles are (channels, states, 4 steps) (SA = 1)
     # or (states, channels, 4 steps) (SA = 0), the time axis last: the loads of B and C (broadcast over
@@ -808,16 +783,16 @@ def _fwd_kernel_s(
     sdt = (dd * 0).to(CDT)
     if PREFETCH:  # the first chunk's inputs
         u_n, dt_n, B_n, C_n = _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c_lo, tt, mask_n, L,
-                                           rv, REV, LOCAL, bc_chunk, IL)
+                                           rv, REV, LOCAL)
     for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
         t, mask_t = _s_fwd_pos(c, tt, L, rv, REV)
         if PREFETCH:  # this chunk's inputs came with the last one; the next chunk's loads go out now
             u_r, dt_r, B_r, C_r = u_n, dt_n, B_n, C_n
             u_n, dt_n, B_n, C_n = _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c + 1, tt,
-                                               mask_n, L, rv, REV, LOCAL, bc_chunk, IL)
+                                               mask_n, L, rv, REV, LOCAL)
         else:
             u_r, dt_r, B_r, C_r = _s_fwd_loads(u_ptr, dt_ptr, B_ptr, C_ptr, urow, row, b_off, c_off, c, tt, mask_n,
-                                               L, rv, REV, LOCAL, bc_chunk, IL)
+                                               L, rv, REV, LOCAL)
         u = u_r.to(CDT)
         dt = dt_r.to(CDT)
         if HAS_BIAS:
@@ -947,11 +922,11 @@ def _s_adjoint(
 @triton.jit
 def _s_block(
     g, dA, dD, dbias, A, Dv, bias, d0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
-    B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3, bc_chunk,
+    B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3,
     u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
     BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, CDT: tl.constexpr, SAVE_EVERY: tl.constexpr, REV: tl.constexpr,
-    DT_STORED: tl.constexpr, SA: tl.constexpr, VEC: tl.constexpr, IL: tl.constexpr,
+    DT_STORED: tl.constexpr, SA: tl.constexpr, VEC: tl.constexpr,
 ):
     # one block of BD channels through one 4-step chunk: the states from the stored state (advanced
     # over the chunks since it, when the forward stored every SAVE_EVERY-th), then the adjoint steps in
@@ -971,8 +946,7 @@ def _s_block(
         for k in range(c - c % SAVE_EVERY, c):
             if VEC:  # B as one 4-step vector per state
                 tk, mk = _s_fwd_pos(k, tt, L, rv, REV)
-                ok = _bc_at(k, tt, tk, L, rv, bc_chunk, REV, IL)
-                Bk = tl.load(B_ptr + b_full3 + ok, mask=mask_n3 & mk, other=0.0).to(CDT)
+                Bk = tl.load(B_ptr + b_full3 + tk, mask=mask_n3 & mk, other=0.0).to(CDT)
                 Bk0, Bk1, Bk2, Bk3 = _v_steps(Bk, rv, REV)
                 _, h, _, _, _ = _s_recompute(h, A2, row, urow, k * 4, _rev_pos(k * 4, L, rv, REV), L, u_ptr,
                                              dts_ptr, Bk0, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
@@ -986,7 +960,7 @@ def _s_block(
                 for j in tl.static_range(4):
                     tk = k * 4 + j
                     pk = _rev_pos(tk, L, rv, REV)
-                    Bk = _s_load_bc(B_ptr, b_full, tk, pk, L, mask_n, CDT, bc_chunk, IL)
+                    Bk = _s_load_bc(B_ptr, b_full, tk, pk, L, mask_n, CDT)
                     _, h, _, _, _ = _s_recompute(h, A2, row, urow, tk, pk, L, u_ptr, dts_ptr, Bk, bias, DT_STORED,
                                                  HAS_BIAS, SOFTPLUS, CDT)
     p0 = _rev_pos(t0, L, rv, REV)
@@ -1013,30 +987,30 @@ def _s_block(
 
 
 @triton.jit
-def _s_load_bc(ptr, off, t, p, L, mask_n, CDT: tl.constexpr, chunk, IL: tl.constexpr):
+def _s_load_bc(ptr, off, t, p, L, mask_n, CDT: tl.constexpr):
     # step t of a B or C row, at memory position p
-    return tl.load(ptr + off + _il(p, chunk, IL), mask=mask_n & (off * 0 + t < L), other=0.0).to(CDT)
+    return tl.load(ptr + off + p, mask=mask_n & (off * 0 + t < L), other=0.0).to(CDT)
 
 
 @triton.jit
-def _s_put(ptr, off, first, t, p, L, mask_n, val, ATOMIC: tl.constexpr, SA: tl.constexpr, chunk, IL: tl.constexpr):
+def _s_put(ptr, off, first, t, p, L, mask_n, val, ATOMIC: tl.constexpr, SA: tl.constexpr):
     # a time-varying dB / dC step, summed over the program's channels; written from the full-shape tile
     # (off, first: (BD, BN)), so that it keeps the compute layout: a store from every channel lane (the
     # same value to the same address), or an atomic from the first channel's lanes
     v = tl.expand_dims(_sum(val, 1 - SA), 1 - SA) + 0.0 * val
     if ATOMIC:
-        tl.atomic_add(ptr + off + _il(p, chunk, IL), v, mask=first & mask_n & (off * 0 + t < L), sem="relaxed")
+        tl.atomic_add(ptr + off + p, v, mask=first & mask_n & (off * 0 + t < L), sem="relaxed")
     else:
-        tl.store(ptr + off + _il(p, chunk, IL), v, mask=mask_n & (off * 0 + t < L))
+        tl.store(ptr + off + p, v, mask=mask_n & (off * 0 + t < L))
 
 
 @triton.jit
 def _bwd_local_kernel_s(
     A_ptr, C_ptr, z_ptr, dts_ptr, bias_ptr, dout_ptr, seg_g_ptr, seg_dt_ptr,
     dim, L, n_state, n_chunks, seg_chunks, n_segs, slot,
-    sc_batch, sc_group, sc_n, dpg_c, bc_chunk,
+    sc_batch, sc_group, sc_n, dpg_c,
     HAS_Z: tl.constexpr, FP64: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, REV: tl.constexpr,
-    DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SA: tl.constexpr, IL: tl.constexpr,
+    DT_STORED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SA: tl.constexpr,
 ):
     # The backward's local pass over time segment s + 1 (s = program axis 2): the adjoint recurrence
     # g <- a[t] (C[t] dy[t] + g) walked back over the segment from g = 0, and the segment's summed dt.
@@ -1073,7 +1047,7 @@ def _bwd_local_kernel_s(
                 dy = dy * zv / (1.0 + tl.exp(-zv))
             dt = _s_dt(dts_ptr, row + p, m, bias, DT_STORED, HAS_BIAS, SOFTPLUS, CDT)
             sdt += dt
-            g = tl.exp2(dt * A2) * (dy * _s_load_bc(C_ptr, c_full, t, p, L, mask_n, CDT, bc_chunk, IL) + g)
+            g = tl.exp2(dt * A2) * (dy * _s_load_bc(C_ptr, c_full, t, p, L, mask_n, CDT) + g)
     seg = (pid_b * (n_segs - 1) + pid_s) * dim + dd
     tl.store(seg_g_ptr + seg * n_state + nn, g, mask=mask_n)
     tl.store(seg_dt_ptr + seg, sdt)
@@ -1099,11 +1073,11 @@ def _bwd_kernel_s(
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
     dim, L, n_state, n_chunks, n_saved, st_n, part_b, part_c, seg_chunks, n_segs, n_batch, slot,
     sb_batch, sb_group, sb_n, dpg_b,
-    sc_batch, sc_group, sc_n, dpg_c, bc_chunk,
+    sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr, B_ATOMIC: tl.constexpr, C_ATOMIC: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, NUM_STAGES: tl.constexpr, SAVE_EVERY: tl.constexpr,
-    REV: tl.constexpr, DT_STORED: tl.constexpr, SA: tl.constexpr, VEC: tl.constexpr, IL: tl.constexpr,
+    REV: tl.constexpr, DT_STORED: tl.constexpr, SA: tl.constexpr, VEC: tl.constexpr,
 ):
     # "step" backward. Per-step (channels, states) tiles, the states on axis SA as in the forward (Triton 3.6 and 3.7+
     # give the lanes to different axes of equally contiguous loads and stores, such as the per-step dB / dC; with SA
@@ -1187,44 +1161,43 @@ def _bwd_kernel_s(
         q3 = _rev_pos(t0 + 3, L, rv, REV)
         if VEC:
             t3, m3 = _s_fwd_pos(c, tt, L, rv, REV)
-            o3 = _bc_at(c, tt, t3, L, rv, bc_chunk, REV, IL)
-            B0, B1, B2, B3 = _v_steps(tl.load(B_ptr + b_full3 + o3, mask=mask_n3 & m3, other=0.0).to(CDT), rv, REV)
-            C0, C1, C2, C3 = _v_steps(tl.load(C_ptr + c_full3 + o3, mask=mask_n3 & m3, other=0.0).to(CDT), rv, REV)
+            B0, B1, B2, B3 = _v_steps(tl.load(B_ptr + b_full3 + t3, mask=mask_n3 & m3, other=0.0).to(CDT), rv, REV)
+            C0, C1, C2, C3 = _v_steps(tl.load(C_ptr + c_full3 + t3, mask=mask_n3 & m3, other=0.0).to(CDT), rv, REV)
         else:
-            B0 = _s_load_bc(B_ptr, b_full, t0, q0, L, mask_n, CDT, bc_chunk, IL)
-            B1 = _s_load_bc(B_ptr, b_full, t0 + 1, q1, L, mask_n, CDT, bc_chunk, IL)
-            B2 = _s_load_bc(B_ptr, b_full, t0 + 2, q2, L, mask_n, CDT, bc_chunk, IL)
-            B3 = _s_load_bc(B_ptr, b_full, t0 + 3, q3, L, mask_n, CDT, bc_chunk, IL)
-            C0 = _s_load_bc(C_ptr, c_full, t0, q0, L, mask_n, CDT, bc_chunk, IL)
-            C1 = _s_load_bc(C_ptr, c_full, t0 + 1, q1, L, mask_n, CDT, bc_chunk, IL)
-            C2 = _s_load_bc(C_ptr, c_full, t0 + 2, q2, L, mask_n, CDT, bc_chunk, IL)
-            C3 = _s_load_bc(C_ptr, c_full, t0 + 3, q3, L, mask_n, CDT, bc_chunk, IL)
+            B0 = _s_load_bc(B_ptr, b_full, t0, q0, L, mask_n, CDT)
+            B1 = _s_load_bc(B_ptr, b_full, t0 + 1, q1, L, mask_n, CDT)
+            B2 = _s_load_bc(B_ptr, b_full, t0 + 2, q2, L, mask_n, CDT)
+            B3 = _s_load_bc(B_ptr, b_full, t0 + 3, q3, L, mask_n, CDT)
+            C0 = _s_load_bc(C_ptr, c_full, t0, q0, L, mask_n, CDT)
+            C1 = _s_load_bc(C_ptr, c_full, t0 + 1, q1, L, mask_n, CDT)
+            C2 = _s_load_bc(C_ptr, c_full, t0 + 2, q2, L, mask_n, CDT)
+            C3 = _s_load_bc(C_ptr, c_full, t0 + 3, q3, L, mask_n, CDT)
         g_a, dA_a, dD_a, db_a, pB0, pB1, pB2, pB3, pC0, pC1, pC2, pC3 = _s_block(
             g_a, dA_a, dD_a, db_a, A_a, D_a, bias_a, p0, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n, slot, rv,
-            B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3, bc_chunk,
+            B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3,
             u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-            BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA, VEC, IL)
+            BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA, VEC)
         if NSUB == 2:
             g_b, dA_b, dD_b, db_b, qB0, qB1, qB2, qB3, qC0, qC1, qC2, qC3 = _s_block(
                 g_b, dA_b, dD_b, db_b, A_b, D_b, bias_b, p0 + BD, pid_b, c, n_saved, dim, L, n_state, st_n, mask_n,
                 slot, rv,
-                B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3, bc_chunk,
+                B0, B1, B2, B3, C0, C1, C2, C3, B_ptr, b_full, tt, b_full3, mask_n3,
                 u_ptr, dts_ptr, states_ptr, z_ptr, dout_ptr, du_ptr, ddt_ptr, dz_ptr,
-                BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA, VEC, IL)
+                BD, BN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CDT, SAVE_EVERY, REV, DT_STORED, SA, VEC)
             pB0, pB1, pB2, pB3 = pB0 + qB0, pB1 + qB1, pB2 + qB2, pB3 + qB3
             pC0, pC1, pC2, pC3 = pC0 + qC0, pC1 + qC1, pC2 + qC2, pC3 + qC3
         if VEC:
-            _v_put(dB_ptr, b_put3, o3, m3, mask_n3, pB0, pB1, pB2, pB3, rv, B_ATOMIC, REV, SA)
-            _v_put(dC_ptr, c_put3, o3, m3, mask_n3, pC0, pC1, pC2, pC3, rv, C_ATOMIC, REV, SA)
+            _v_put(dB_ptr, b_put3, t3, m3, mask_n3, pB0, pB1, pB2, pB3, rv, B_ATOMIC, REV, SA)
+            _v_put(dC_ptr, c_put3, t3, m3, mask_n3, pC0, pC1, pC2, pC3, rv, C_ATOMIC, REV, SA)
         else:
-            _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC, SA, bc_chunk, IL)
-            _s_put(dB_ptr, b_put, first, t0 + 1, q1, L, mask_n, pB1, B_ATOMIC, SA, bc_chunk, IL)
-            _s_put(dB_ptr, b_put, first, t0 + 2, q2, L, mask_n, pB2, B_ATOMIC, SA, bc_chunk, IL)
-            _s_put(dB_ptr, b_put, first, t0 + 3, q3, L, mask_n, pB3, B_ATOMIC, SA, bc_chunk, IL)
-            _s_put(dC_ptr, c_put, first, t0, q0, L, mask_n, pC0, C_ATOMIC, SA, bc_chunk, IL)
-            _s_put(dC_ptr, c_put, first, t0 + 1, q1, L, mask_n, pC1, C_ATOMIC, SA, bc_chunk, IL)
-            _s_put(dC_ptr, c_put, first, t0 + 2, q2, L, mask_n, pC2, C_ATOMIC, SA, bc_chunk, IL)
-            _s_put(dC_ptr, c_put, first, t0 + 3, q3, L, mask_n, pC3, C_ATOMIC, SA, bc_chunk, IL)
+            _s_put(dB_ptr, b_put, first, t0, q0, L, mask_n, pB0, B_ATOMIC, SA)
+            _s_put(dB_ptr, b_put, first, t0 + 1, q1, L, mask_n, pB1, B_ATOMIC, SA)
+            _s_put(dB_ptr, b_put, first, t0 + 2, q2, L, mask_n, pB2, B_ATOMIC, SA)
+            _s_put(dB_ptr, b_put, first, t0 + 3, q3, L, mask_n, pB3, B_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0, q0, L, mask_n, pC0, C_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0 + 1, q1, L, mask_n, pC1, C_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0 + 2, q2, L, mask_n, pC2, C_ATOMIC, SA)
+            _s_put(dC_ptr, c_put, first, t0 + 3, q3, L, mask_n, pC3, C_ATOMIC, SA)
     bda = (pid_s * n_batch + pid_b) * dim + da  # per-segment partials
     tl.store(dA_ptr + bda * n_state + nn, dA_a, mask=mask_n)
     if HAS_D:
@@ -1318,20 +1291,6 @@ def _bc_layout(x: torch.Tensor, dim: int, strided: bool = False):
     return x, False, x.stride(0), x.stride(1), x.stride(2), dim // x.shape[1]
 
 
-def _interleave4(x: torch.Tensor):
-    """A time-varying B or C, ``(batch[, groups], N, L)`` with ``L % 4 == 0``, in the step kernels'
-    chunk-interleaved layout ``(batch, groups, L / 4, N, 4)`` (``STEP_CONFIG["bc_chunks"]``), and its batch,
-    group and state strides (the kernels find step t of state n at ``(t // 4) * 4 N + 4 n + t % 4``)."""
-    x4 = x if x.dim() == 4 else x.unsqueeze(1)
-    b, g, n, length = x4.shape
-    return x4.reshape(b, g, n, length // 4, 4).transpose(2, 3).contiguous(), g * n * length, n * length, 4
-
-
-def _deinterleave4(x: torch.Tensor, shape) -> torch.Tensor:
-    """The inverse of :func:`_interleave4`, ``shape`` being the input's."""
-    return x.transpose(2, 3).reshape(shape)
-
-
 def _group_dims(dim: int, *dpgs: int) -> int:
     g = dim
     for d in dpgs:
@@ -1420,27 +1379,32 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # memory); on an H100 (Triton 3.6) within 5 % either way at most N = 16 scans, 7-11 % faster at the
 # longest (MSSMamba's 192 @ 12544 bf16, b24 192 @ 4096 fp32), 10 % slower at b16 192 @ 3136 fp32.
 # "fwd_maxnreg": a register cap for the forward (Triton's maxnreg) to keep more programs resident; 104
-# was slower at every shape measured (fp32 spills), so None: no cap.
+# was slower at every shape measured (fp32 spills), and 112 (bf16 fits Mamba-HUNet's stage 1 in one wave)
+# was within 1 % in bf16 and 3-28 % slower in fp32 (H100, 2026-12-07), so None: no cap.
 # "bwd_maxnreg": the same for the backward. At 255 registers 8 one-warp programs fit a multiprocessor,
 # and Mamba-HUNet's stage-1 backward (b24, 768 channels, 2 blocks of 8 a program: 1152 programs) is
 # 1.09 waves on 132 (Nsight Compute, H100: SM active 77 % of the kernel's cycles); 224 fits 9 (bf16 compiles
-# without spills, fp32 spills 48 bytes; offline sm_90). Not timed yet: None.
+# without spills, fp32 spills 48 bytes; offline sm_90). Timed on an H100 (2026-12-07, scalar backward):
+# forward + backward 0-6 % slower at the nine N = 16 training scans, so None.
 # "bwd_vec": the backward reads B and C, and writes the per-program dB / dC, as one 4-step vector per
 # state (chunk tiles split into the per-step tiles and joined back), as the forward reads them, instead
 # of one scalar access per state and step. Nsight Compute on the scalar backward (H100, b24 192 @ 4096
 # bf16): L1/TEX 76 % busy, 56 % of global sectors excess, 39 % of the stall cycles waiting on L1/TEX
 # loads. Offline sm_90 SASS of the loop (Triton 3.6): bf16 1647 -> 1472 instructions, fp32 1465 -> 1323,
-# loads 128 -> 80, stores 48 -> 20, no spills. Not timed on a GPU yet: off.
-# "bc_chunks": B and C copied into a chunk-interleaved layout, (batch, groups, L / 4, N, 4), before the step
-# kernels read them (and dB / dC written so, then copied back), where L is a multiple of 4: a 4-step chunk of
-# all states is then one contiguous run (128 bytes in bf16 at N 16) instead of N rows L apart, a quarter of
-# the sectors of those loads in the forward and the backward. Costs one copy of B and C per call each way.
-# Not timed on a GPU yet: off.
+# loads 128 -> 80, stores 48 -> 20, no spills. H100 (2026-12-07, compare_scan.py --step-variants --graphs):
+# forward + backward 10-26 % faster at all nine N = 16 training scans (b24 192 @ 4096 bf16 10.78 -> 9.61 ms,
+# b10 192 @ 12544 bf16 14.04 -> 10.36, fp32 14.73 -> 11.43), Mamba-HUNet bf16 graphed training 189.5 ->
+# 200.5 images/s: on.
+# Tried and removed (2026-12-07): B and C copied chunk-interleaved, (batch, groups, L / 4, N, 4), so that a
+# 4-step chunk of all states is one contiguous run (a quarter of the sectors of those loads). On an H100 it
+# was slower everywhere: forward 1.86 -> 2.25 ms and forward + backward (vector backward) 9.61 -> 14.61 ms at
+# b24 192 @ 4096 bf16, Mamba-HUNet training 200.5 -> 158.1 images/s, a batch-1 MSSMamba slice 5.00 -> 5.60
+# ms (benchmarks/README.md, "Step-kernel candidates timed").
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
                "store_dt": True, "state_axis": None, "prefetch_fwd": True, "fwd_maxnreg": None,
-               "bwd_maxnreg": None, "bwd_vec": False, "bc_chunks": False}
+               "bwd_maxnreg": None, "bwd_vec": True}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -1478,9 +1442,9 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     They apply to time-varying B and C with 8 <= N <= 32 (padded) in the plain (not fused cross-scan)
     mode, when the channel blocks (``STEP_CONFIG`` ``bd_fwd`` / ``bd_bwd``, 8) fit the groups; with
     ``STEP_CONFIG["small_n"]`` (or the path override ``"step"``) also to N < 8, in blocks of 32 / N
-    channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, fwd_maxnreg, bwd_maxnreg, bwd_vec, bc_chunks,
-    store_dt, dbc, stages_fwd, stages_bwd, save_every, segs_fwd, seg_chunks_fwd, segs_bwd, seg_chunks_bwd);
-    ``bc_chunks`` holds only where the length is a multiple of 4. ``NSUB`` is 2 where two blocks fit a
+    channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, fwd_maxnreg, bwd_maxnreg, bwd_vec,
+    store_dt, dbc, stages_fwd, stages_bwd, save_every, segs_fwd, seg_chunks_fwd, segs_bwd, seg_chunks_bwd).
+    ``NSUB`` is 2 where two blocks fit a
     group and the grid keeps at least ``min_programs`` (default 5 per multiprocessor) programs, else 1.
     """
     bn = triton.next_power_of_2(n_state)
@@ -1506,9 +1470,6 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     sa = _STATE_AXIS if conf["state_axis"] is None else conf["state_axis"]
     return dict(BD=bd, BD_bwd=bdb, NSUB=nsub, SA=sa, prefetch_fwd=conf["prefetch_fwd"], fwd_maxnreg=conf["fwd_maxnreg"],
                 bwd_maxnreg=conf["bwd_maxnreg"], bwd_vec=conf["bwd_vec"],
-                # B / C chunk-interleaved (_interleave4) where asked and L is a multiple of 4 (a reversed
-                # scan's chunks then stay aligned)
-                bc_chunks=bool(conf["bc_chunks"]) and length % 4 == 0,
                 store_dt=conf["store_dt"], dbc=conf["dbc"], stages_fwd=conf["stages_fwd"],
                 stages_bwd=conf["stages_bwd"], save_every=every, segs_fwd=segs_f, seg_chunks_fwd=per_f,
                 segs_bwd=segs_b, seg_chunks_bwd=per_b)
@@ -1569,10 +1530,6 @@ class SelectiveScanTriton(torch.autograd.Function):
             out = torch.empty_like(delta, dtype=u.dtype)
             last = torch.empty(batch, dim, n_state, dtype=cdt, device=u.device)
             if scfg is not None:
-                if scfg["bc_chunks"]:
-                    Bc, sbb, sbg, sbn = _interleave4(Bc)
-                    Cc, scb, scg, scn = _interleave4(Cc)
-                    strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
                 bl, every = 4, scfg["save_every"]
                 n_chunks = triton.cdiv(length, bl)
                 n_saved = triton.cdiv(n_chunks, every)
@@ -1589,10 +1546,10 @@ class SelectiveScanTriton(torch.autograd.Function):
                 for local in ([True] if segs > 1 else []) + [False]:
                     _fwd_kernel_s[(dim // scfg["BD"], batch, segs - 1 if local else segs)](
                         u, delta, A, Bc, Cc, *optional, out, last, states, dts, seg_h, seg_dt,
-                        dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides, 4 * n_state,
+                        dim, length, n_state, n_chunks, n_saved, 1, per, segs, rev_slot, *strides,
                         **step_opts, BD=scfg["BD"], BN=bn, NUM_STAGES=scfg["stages_fwd"], SAVE_EVERY=every,
                         LOCAL=local, REV=bool(rev_slot), STORE_DT=store_dt, SA=scfg["SA"],
-                        PREFETCH=scfg["prefetch_fwd"], IL=scfg["bc_chunks"],
+                        PREFETCH=scfg["prefetch_fwd"],
                         num_warps=1, **({"maxnreg": scfg["fwd_maxnreg"]} if scfg["fwd_maxnreg"] else {}),
                     )
                 saved = (states, dts)
@@ -1672,11 +1629,6 @@ class SelectiveScanTriton(torch.autograd.Function):
             states, dts = saved
             if not scfg["store_dt"]:  # recomputed from delta
                 dts = delta
-            il = scfg["bc_chunks"]
-            if il:
-                Bc, sbb, sbg, sbn = _interleave4(Bc)
-                Cc, scb, scg, scn = _interleave4(Cc)
-                strides = (sbb, sbg, sbn, dpg_b, scb, scg, scn, dpg_c)
             dt_opts = dict(DT_STORED=scfg["store_dt"], HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus)
             bias = delta_bias if delta_bias is not None else dummy
             span = scfg["NSUB"] * scfg["BD_bwd"]  # channels per program
@@ -1704,9 +1656,9 @@ class SelectiveScanTriton(torch.autograd.Function):
                 seg_dt = torch.empty(batch, segs - 1, dim, dtype=cdt, device=dev)
                 _bwd_local_kernel_s[(dim // scfg["BD_bwd"], batch, segs - 1)](
                     A, Cc, z if z is not None else dummy, dts, bias, dout, seg_g, seg_dt,
-                    dim, length, n_state, n_chunks, per, segs, ctx.rev_slot, scb, scg, scn, dpg_c, 4 * n_state,
+                    dim, length, n_state, n_chunks, per, segs, ctx.rev_slot, scb, scg, scn, dpg_c,
                     HAS_Z=z is not None, FP64=fp64, BD=scfg["BD_bwd"], BN=bn, REV=bool(ctx.rev_slot), **dt_opts,
-                    SA=scfg["SA"], IL=il, num_warps=1,
+                    SA=scfg["SA"], num_warps=1,
                 )
             _bwd_kernel_s[(dim // span, batch, segs)](
                 u, A, Bc, Cc, D if D is not None else dummy, z if z is not None else dummy, bias,
@@ -1714,16 +1666,14 @@ class SelectiveScanTriton(torch.autograd.Function):
                 du, ddelta, dz if dz is not None else dummy, dA_part, dB, dC,
                 dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
                 dim, length, n_state, n_chunks, states.shape[1], 1, part_b, part_c, per, segs, batch, ctx.rev_slot,
-                *strides, 4 * n_state, **step_opts,
+                *strides, **step_opts,
                 B_ATOMIC=b_atomic, C_ATOMIC=c_atomic, BD=scfg["BD_bwd"], BN=bn, NSUB=scfg["NSUB"],
                 NUM_STAGES=scfg["stages_bwd"], SAVE_EVERY=scfg["save_every"], REV=bool(ctx.rev_slot),
-                DT_STORED=scfg["store_dt"], SA=scfg["SA"], VEC=scfg["bwd_vec"], IL=il, num_warps=1,
+                DT_STORED=scfg["store_dt"], SA=scfg["SA"], VEC=scfg["bwd_vec"], num_warps=1,
                 **({"maxnreg": scfg["bwd_maxnreg"]} if scfg.get("bwd_maxnreg") else {}),
             )
             dB = dB.sum(0) if b_parts > 1 else dB
             dC = dC.sum(0) if c_parts > 1 else dC
-            if il:
-                dB, dC = _deinterleave4(dB, B.shape), _deinterleave4(dC, C.shape)
         elif tcfg is not None:
             states, dts = saved
             ln, nw, n_sub = tcfg["LN"], tcfg["NW"], tcfg["n_sub"]
