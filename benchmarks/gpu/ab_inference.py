@@ -34,6 +34,8 @@ from common.networks.graphs import CUDAGraphInference  # noqa: E402
 from common.ops import layer_norm, scan_triton  # noqa: E402
 
 DEFAULT_NORM_SCOPE = layer_norm.SCOPE
+FOLDED = ("fold_bn", "fold_bn_ln_input_dtype", "fold_bn_compile", "fold_bn_channels_last")
+CHANNELS_LAST = ("channels_last", "fold_bn_channels_last")
 
 
 def _load_module_copy(path: str, network: str):
@@ -68,7 +70,8 @@ def main(argv=None):
                          "latter), channel_norm_all (every LayerNorm2d too through the channel-norm kernel, "
                          "common.ops.layer_norm scope 'all'), "
                          "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins), "
-                         "fold_bn_compile (folded, then torch.compile, then graphed), "
+                         "fold_bn_compile (folded, then torch.compile, then graphed), fold_bn_channels_last (folded, "
+                         "channels-last weights and input: cuDNN's bf16 kernels then need no layout conversions), "
                          "step=JSON (the step kernels with these STEP_CONFIG keys, e.g. "
                          "'step={\"fwd_maxnreg\": 112}', batch norms folded)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -93,8 +96,6 @@ def main(argv=None):
     for v in args.variants:
         m = build(args.network, args.backend, size).to(device).eval()
         m.load_state_dict(state)
-        if v == "channels_last":
-            m = m.to(memory_format=torch.channels_last)
         if v == "unfused_io":
             for mod in m.modules():
                 if hasattr(mod, "fused_io"):
@@ -109,8 +110,10 @@ def main(argv=None):
                     mod.bidirectional_scan = False
         if v in ("ln_input_dtype", "fold_bn_ln_input_dtype"):  # the bundles' amp_input_dtype_norms
             layer_norms_in_input_dtype(m)
-        if v in ("fold_bn", "fold_bn_ln_input_dtype", "fold_bn_compile") or v.startswith("step="):  # fuse_conv_bn
+        if v in FOLDED or v.startswith("step="):  # fuse_conv_bn
             fuse_conv_bn_for_inference(m)
+        if v in CHANNELS_LAST:  # after folding, so that the folded weights are channels-last too
+            m = m.to(memory_format=torch.channels_last)
         if v in ("compile", "fold_bn_compile"):
             torch._dynamo.config.cache_size_limit = 64
             m = torch.compile(m, dynamic=False)
@@ -128,7 +131,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
 
     def inp(name):
-        return x.contiguous(memory_format=torch.channels_last) if name == "channels_last" else x
+        return x.contiguous(memory_format=torch.channels_last) if name in CHANNELS_LAST else x
 
     graphs = {name: CUDAGraphInference(m, cast_weights_once=name != "graph_casts_each_call").eval()
               for name, m in models.items()}
