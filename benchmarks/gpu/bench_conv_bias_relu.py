@@ -16,9 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_batch1_scan import graph_replay  # noqa: E402  (this folder)
 
 # (input channels, map size, output channels, kernel size)
 SHAPES = [(256, 14, 256, 3), (128, 56, 128, 3), (128, 28, 128, 3), (64, 56, 64, 3), (256, 14, 1024, 1),
@@ -26,24 +31,16 @@ SHAPES = [(256, 14, 256, 3), (128, 56, 128, 3), (128, 28, 128, 3), (64, 56, 64, 
 
 
 def graph_ms(fn, reps=20, replays=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
+    """ms per call of ``fn``: ``reps`` calls captured in one CUDA graph, the median of 5 timings of ``replays``."""
+    replay = graph_replay(lambda: [fn() for _ in range(reps)])
+    replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(5):
         start.record()
         for _ in range(replays):
-            g.replay()
+            replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / replays / reps)

@@ -1444,8 +1444,8 @@ def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device)
     ``STEP_CONFIG["small_n"]`` (or the path override ``"step"``) also to N < 8, in blocks of 32 / N
     channels. Returns dict(BD, BD_bwd, NSUB, SA, prefetch_fwd, fwd_maxnreg, bwd_maxnreg, bwd_vec,
     store_dt, dbc, stages_fwd, stages_bwd, save_every, segs_fwd, seg_chunks_fwd, segs_bwd, seg_chunks_bwd).
-    ``NSUB`` is 2 where two blocks fit a
-    group and the grid keeps at least ``min_programs`` (default 5 per multiprocessor) programs, else 1.
+    ``NSUB`` is 2 where two blocks fit a group and the grid keeps at least ``min_programs`` (default 5 per
+    multiprocessor) programs, else 1.
     """
     bn = triton.next_power_of_2(n_state)
     path = CONFIG_OVERRIDE.get("path")
