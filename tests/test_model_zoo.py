@@ -24,12 +24,9 @@ from common.bundle_run import REPO
 
 BUNDLES = ["msvmunet_acdc", "mssmamba_synapse", "mambahunet_ms"]
 # smallest inputs the networks take (MSVM-UNet and Mamba-HUNet: multiples of 32; MSSMamba: its multi-scale
-# attention blocks pool the 1/16 tokens by 4, so 64): the traced ``ref`` scan is unrolled step by step
+# attention blocks pool the 1/16 tokens by 4, so 64)
 EXPORT_SIZE = {"msvmunet_acdc": 32, "mssmamba_synapse": 64, "mambahunet_ms": 32}
 ATOL = 1e-5
-# MSSMamba's exports take minutes on 2 CPU cores (its 1/2-scale VSS stage scans 1024 steps at 64 px, each
-# one unrolled into the traced graph): CI runs them with the other slow tests
-EXPORTS = ["msvmunet_acdc", pytest.param("mssmamba_synapse", marks=pytest.mark.slow), "mambahunet_ms"]
 REQUIRED_FILES = ["configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
                   "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md", "docs/data_license.txt"]
 # ids read by MONAI Label's BundleInferTask / BundleTrainTask (monailabel/tasks/{infer,train}/bundle.py) and by
@@ -130,15 +127,15 @@ def test_monai_workflow_properties(name, workflow_type, config, tmp_path):
 # ---------------------------------------------------------------- TorchScript
 
 
-@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("name", BUNDLES)
 def test_torchscript_export_through_monai_cli(name, trained, tmp_path):
-    """``monai.bundle ckpt_export`` traced with the ``ref`` scan; the saved module (reloaded, with the bundle's
+    """``monai.bundle ckpt_export`` traced with the ``export`` scan; the saved module (reloaded, with the bundle's
     metadata and inference config inside) equals the eager network on a batch of 2 (traced with 1)."""
     net, ckpt = trained(name)
     size, ts_file = EXPORT_SIZE[name], str(tmp_path / "model.ts")
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", ts_file,
            "--ckpt_file", ckpt, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-           "--bundle_root", os.path.join(REPO, name), "--image_size", str(size), "--scan_backend", "ref",
+           "--bundle_root", os.path.join(REPO, name), "--image_size", str(size), "--scan_backend", "export",
            "--use_trace", "True", "--input_shape", f"[1, 1, {size}, {size}]",
            "--converter_kwargs", "{'check_trace': False}"]
     start = time.perf_counter()
@@ -167,8 +164,8 @@ def test_torchscript_export_through_monai_cli(name, trained, tmp_path):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-def test_torchscript_errors_without_the_ref_scan(name, trained, tmp_path):
-    """What a user gets from ``ckpt_export`` without ``--use_trace True --scan_backend ref``: scripting fails in the
+def test_torchscript_errors_without_the_export_scan(name, trained, tmp_path):
+    """What a user gets from ``ckpt_export`` without ``--use_trace True --scan_backend export``: scripting fails in the
     TorchScript compiler, and a trace with the automatic scan (an autograd.Function) cannot be saved."""
     net, _ = trained(name)
     # a RuntimeError from the scan, or (MSVM-UNet's LayerNorm2d reaches the norm-kernel dispatch first) the
@@ -186,7 +183,7 @@ def test_torchscript_errors_without_the_ref_scan(name, trained, tmp_path):
 # ---------------------------------------------------------------- ONNX
 
 
-@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("name", BUNDLES)
 def test_onnx_export_matches_eager(name, trained, tmp_path):
     """``python -m common.export`` (its ``main``, in process) writes an ONNX file that onnxruntime runs with the
     eager network's numbers on a batch of 2 (exported with 1); the network keeps its own scan backend."""

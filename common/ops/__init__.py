@@ -8,12 +8,14 @@ from .dispatch import (
     resolve_backend,
     selective_scan,
 )
+from .scan_export import selective_scan_export
 from .scan_ref import selective_scan_ref
 from .scan_torch import selective_scan_torch
 
 __all__ = [
     "selective_scan",
     "selective_scan_ref",
+    "selective_scan_export",
     "selective_scan_torch",
     "resolve_backend",
     "available_backends",

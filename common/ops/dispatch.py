@@ -11,6 +11,9 @@ Backends (all with mamba-ssm's ``selective_scan_fn`` semantics):
   first use, no build step), on CUDA tensors when triton imports. On CPU tensors it runs only under
   Triton's interpreter, when ``TRITON_INTERPRET=1`` is set and the backend is named explicitly
   (tests at small shapes); it is never chosen automatically there.
+- ``"export"``: :mod:`common.ops.scan_export`, plain out-of-place tensor operations, ``O(log L)`` of
+  them per segment of the sequence: what TorchScript and ONNX export trace (any device; never chosen
+  automatically).
 - ``"ref"``: the sequential reference (tests and debugging only; never chosen automatically).
 
 Choosing: the ``backend`` argument wins, then the environment variable
@@ -35,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 
+from .scan_export import selective_scan_export
 from .scan_ref import check_scan_inputs, selective_scan_ref
 from .scan_torch import selective_scan_torch
 
@@ -49,7 +53,7 @@ __all__ = [
 ]
 
 SCAN_BACKEND_ENV = "MAMBA_BUNDLES_SCAN_BACKEND"
-SCAN_BACKENDS = ("cpu", "torch", "mamba_ssm", "triton", "ref")
+SCAN_BACKENDS = ("cpu", "torch", "mamba_ssm", "triton", "export", "ref")
 # fastest first (H200 measurements in benchmarks/README.md); triton moves ahead once it beats mamba-ssm
 _GPU_PREFERENCE = ("mamba_ssm", "triton")
 
@@ -87,7 +91,7 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
     device = torch.device(device)
     if backend not in SCAN_BACKENDS:
         return f"unknown scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)} (or None for automatic)"
-    if backend in ("torch", "ref"):
+    if backend in ("torch", "export", "ref"):
         return None
     if backend == "cpu":
         if device.type != "cpu":
@@ -110,7 +114,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     Triton's CPU interpreter is not listed: it runs only when named explicitly.
     """
     device = torch.device(device)
-    order = (*_GPU_PREFERENCE, "cpu", "torch", "ref")
+    order = (*_GPU_PREFERENCE, "cpu", "torch", "export", "ref")
     return [b for b in order if backend_unavailable_reason(b, device) is None
             and not (b == "triton" and device.type != "cuda")]
 
@@ -161,6 +165,8 @@ def _implementation(name: str) -> Callable:
         return selective_scan_torch
     if name == "ref":
         return selective_scan_ref
+    if name == "export":
+        return selective_scan_export
     if name == "mamba_ssm":
         return _selective_scan_mamba_ssm
     if name == "cpu":
@@ -196,8 +202,8 @@ def selective_scan(
         delta_bias: added to ``delta`` per channel, ``(dim,)``.
         delta_softplus: apply softplus to ``delta`` (after the bias).
         return_last_state: also return the state after the last step, ``(batch, dim, N)``.
-        backend: ``"cpu"``, ``"torch"``, ``"mamba_ssm"``, ``"triton"``, ``"ref"`` or ``None`` (automatic; see
-            the module docstring for the environment variable).
+        backend: ``"cpu"``, ``"torch"``, ``"mamba_ssm"``, ``"triton"``, ``"export"``, ``"ref"`` or ``None``
+            (automatic; see the module docstring for the environment variable).
 
     Returns:
         ``out`` ``(batch, dim, L)`` in ``u``'s dtype (state math in float32), or
