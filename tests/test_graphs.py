@@ -165,6 +165,46 @@ def test_fold_batch_norms_keeps_the_outputs_and_handler_runs_after_loading():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
+def test_conv_relu_fusion_keeps_outputs_and_keys(device):
+    """After folding, each 3x3 convolution a ReLU follows (Sequentials, the bottlenecks' conv2) runs as one
+    Conv2dReLU (one cuDNN call on CUDA): same outputs and state-dict keys; 1x1 convolutions and pairs with an
+    unfolded norm between stay as they were."""
+    from common.networks.blocks.layers import Conv2dReLU, fuse_conv_bn_for_inference, fuse_conv_relu_for_inference
+    from common.networks.resnet import ResNetTrunk
+
+    torch.manual_seed(0)
+    trunk = ResNetTrunk((1, 2), in_channels=1, num_stages=2)
+    head = torch.nn.Sequential(torch.nn.Conv2d(512, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3, padding=1),
+                               torch.nn.ReLU(inplace=True))
+    net = torch.nn.Sequential(trunk, torch.nn.Identity()).to(device)
+    _randomise_norms(net)
+    _randomise_norms(head)
+    head.to(device)
+    x = torch.randn(2, 1, 32, 32, device=device)
+    with pytest.raises(ValueError, match="training mode"):
+        fuse_conv_relu_for_inference(head)
+    trunk.eval(), head.eval()
+    with torch.no_grad():
+        want = head(trunk(x)[-1])
+        fuse_conv_relu_for_inference(head)  # the norm is not folded yet: only the last 3x3 pair fuses
+        assert head.fused_conv_relu == 1 and isinstance(head[5], Conv2dReLU) and type(head[6]) is torch.nn.Identity
+        fuse_conv_bn_for_inference(trunk), fuse_conv_bn_for_inference(head)
+        keys = list(trunk.state_dict()) + list(head.state_dict())
+        fuse_conv_relu_for_inference(trunk), fuse_conv_relu_for_inference(head)
+        got = head(trunk(x)[-1])
+    # 3 bottlenecks' conv2 (the stem is 7x7 but the max-pool comes between), the head's first conv; not its 1x1
+    assert trunk.fused_conv_relu == 3 and head.fused_conv_relu == 2
+    assert type(head[3]) is torch.nn.Conv2d and type(head[4]) is torch.nn.ReLU
+    assert list(trunk.state_dict()) + list(head.state_dict()) == keys
+    tol = dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)  # cuDNN: TF32
+    torch.testing.assert_close(got, want, **tol)
+    if device == "cuda":
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.testing.assert_close(head(trunk(x)[-1]).float(), want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
 def test_folded_network_reloads_unfolded_checkpoints_and_refuses_to_train(tmp_path, device):
     from ignite.engine import Engine
 

@@ -29,13 +29,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from bench_network import NETWORKS, build  # noqa: E402
 from bench_scan import timed, write_results  # noqa: E402
 
-from common.networks.blocks.layers import fuse_conv_bn_for_inference, layer_norms_in_input_dtype  # noqa: E402
+from common.networks.blocks.layers import (  # noqa: E402
+    fuse_conv_bn_for_inference,
+    fuse_conv_relu_for_inference,
+    layer_norms_in_input_dtype,
+)
 from common.networks.graphs import CUDAGraphInference  # noqa: E402
 from common.ops import layer_norm, scan_triton  # noqa: E402
 
 DEFAULT_NORM_SCOPE = layer_norm.SCOPE
-FOLDED = ("fold_bn", "fold_bn_ln_input_dtype", "fold_bn_compile", "fold_bn_channels_last")
-CHANNELS_LAST = ("channels_last", "fold_bn_channels_last")
+FOLDED = ("fold_bn", "fold_bn_ln_input_dtype", "fold_bn_compile", "fold_bn_channels_last", "fold_bn_conv_relu",
+          "fold_bn_channels_last_conv_relu")
+CHANNELS_LAST = ("channels_last", "fold_bn_channels_last", "fold_bn_channels_last_conv_relu")
+CONV_RELU = ("fold_bn_conv_relu", "fold_bn_channels_last_conv_relu")
 
 
 def _load_module_copy(path: str, network: str):
@@ -72,6 +78,8 @@ def main(argv=None):
                          "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins), "
                          "fold_bn_compile (folded, then torch.compile, then graphed), fold_bn_channels_last (folded, "
                          "channels-last weights and input: cuDNN's bf16 kernels then need no layout conversions), "
+                         "fold_bn_conv_relu (folded, then each 3x3 convolution + ReLU as one cuDNN call: "
+                         "fuse_conv_relu_for_inference), fold_bn_channels_last_conv_relu (both), "
                          "step=JSON (the step kernels with these STEP_CONFIG keys, e.g. "
                          "'step={\"fwd_maxnreg\": 112}', batch norms folded)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -112,6 +120,8 @@ def main(argv=None):
             layer_norms_in_input_dtype(m)
         if v in FOLDED or v.startswith("step="):  # fuse_conv_bn
             fuse_conv_bn_for_inference(m)
+        if v in CONV_RELU:  # 3x3 convolution + ReLU pairs as one cuDNN call each
+            fuse_conv_relu_for_inference(m)
         if v in CHANNELS_LAST:  # after folding, so that the folded weights are channels-last too
             m = m.to(memory_format=torch.channels_last)
         if v in ("compile", "fold_bn_compile"):

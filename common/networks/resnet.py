@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .blocks.layers import Conv2dReLU
+
 __all__ = ["Bottleneck", "ResNetTrunk", "resnet50_trunk"]
 
 
@@ -22,6 +24,8 @@ class Bottleneck(nn.Module):
     expansion = 4
     # each convolution's batch norm, for fuse_conv_bn_for_inference (the forward applies them in pairs)
     conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    # the 3x3 convolution whose (folded) norm the forward follows with a ReLU, for fuse_conv_relu_for_inference
+    conv_relu = (("conv2", "bn2"),)
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -41,7 +45,9 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn2(self.conv2(y))
+        if not isinstance(self.conv2, Conv2dReLU):  # fused for inference: the convolution applied it
+            y = self.relu(y)
         y = self.bn3(self.conv3(y))
         return self.relu(y + identity)
 

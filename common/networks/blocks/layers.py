@@ -23,6 +23,8 @@ __all__ = [
     "InputDtypeLayerNorm",
     "layer_norms_in_input_dtype",
     "fuse_conv_bn_for_inference",
+    "fuse_conv_relu_for_inference",
+    "Conv2dReLU",
     "folded_state_dict",
     "FoldedBatchNorm2d",
     "LayerNorm2d",
@@ -266,6 +268,86 @@ def fuse_conv_bn_for_inference(module: nn.Module, enabled: bool = True) -> nn.Mo
         parent._folded_conv_bn_pairs.append((a, b, norm.eps, transpose))
         folded += 1
     module.folded_conv_bn = getattr(module, "folded_conv_bn", 0) + folded
+    return module
+
+
+class Conv2dReLU(nn.Conv2d):
+    """``relu(conv(x))`` where a ``Conv2d`` was followed by a ReLU, made by :func:`fuse_conv_relu_for_inference`.
+
+    On CUDA without autograd it is one cuDNN call (``torch.cudnn_convolution_relu``: convolution, bias
+    and ReLU in one kernel, where PyTorch runs a convolution with a bias as the convolution and a
+    separate broadcast add, then the ReLU); under autocast its input, weight and bias are cast to the
+    autocast dtype as ``F.conv2d`` would be. Elsewhere (CPU, training, string padding) the convolution
+    then ``F.relu``. Same parameters and state-dict keys as the ``Conv2d`` it replaces.
+    """
+
+    def _cudnn_fused(self, x: torch.Tensor) -> bool:
+        return (x.is_cuda and not torch.is_grad_enabled() and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and torch.backends.cudnn.enabled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._cudnn_fused(x):
+            return F.relu(super().forward(x))
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        return torch.cudnn_convolution_relu(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> Conv2dReLU:
+        """A :class:`Conv2dReLU` sharing ``conv``'s parameters (no copy)."""
+        fused = cls.__new__(cls)
+        fused.__dict__.update(conv.__dict__)
+        fused._parameters = dict(conv._parameters)
+        fused._buffers = dict(conv._buffers)
+        fused._modules = dict(conv._modules)
+        return fused
+
+
+def fuse_conv_relu_for_inference(module: nn.Module, enabled: bool = True, min_kernel_size: int = 3) -> nn.Module:
+    """Run each ``Conv2d`` that a ReLU follows (with at most a folded batch norm between) as one
+    :class:`Conv2dReLU`, in place; returns ``module``.
+
+    Pairs are a ``Conv2d`` of kernel at least ``min_kernel_size`` (cuDNN's fused call was 2-3 us faster
+    at MSSMamba's 3 x 3 convolutions on an H100 and slower at 1 x 1, ``benchmarks/README.md``) followed,
+    in an ``nn.Sequential``, by a ``ReLU`` or by a :class:`FoldedBatchNorm2d` and a ``ReLU`` (the ReLU
+    becomes an ``nn.Identity``), plus the ``(convolution, norm or None)`` paths a module names in a
+    ``conv_relu`` attribute (its forward applies the ReLU itself unless the convolution is a
+    :class:`Conv2dReLU`, e.g. a ResNet bottleneck's ``conv2`` / ``bn2``; the norm must be folded). Call it after
+    :func:`fuse_conv_bn_for_inference`: an unfolded ``BatchNorm2d`` between a convolution and its ReLU
+    keeps the pair apart. For inference (eval mode); ``enabled=False`` returns ``module`` untouched.
+    """
+    if not enabled:
+        return module
+    if module.training:
+        raise ValueError("fuse_conv_relu_for_inference: the module is in training mode; call .eval() first")
+
+    def fusable(conv: nn.Module) -> bool:
+        return type(conv) is nn.Conv2d and min(conv.kernel_size) >= min_kernel_size
+
+    fused = 0
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Sequential):
+            kids = list(parent.named_children())
+            for i, (name, conv) in enumerate(kids):
+                rest = [m for _, m in kids[i + 1 : i + 3]]
+                if rest and isinstance(rest[0], FoldedBatchNorm2d):
+                    rest = rest[1:]
+                    relu_at = i + 2
+                else:
+                    relu_at = i + 1
+                if fusable(conv) and rest and type(rest[0]) is nn.ReLU:
+                    setattr(parent, name, Conv2dReLU.from_conv(conv))
+                    setattr(parent, kids[relu_at][0], nn.Identity())
+                    fused += 1
+        for name, norm in getattr(parent, "conv_relu", ()):
+            conv = parent.get_submodule(name)
+            if fusable(conv) and (norm is None or isinstance(parent.get_submodule(norm), FoldedBatchNorm2d)):
+                owner, _, leaf = name.rpartition(".")
+                setattr(parent.get_submodule(owner) if owner else parent, leaf, Conv2dReLU.from_conv(conv))
+                fused += 1
+    module.fused_conv_relu = getattr(module, "fused_conv_relu", 0) + fused
     return module
 
 
