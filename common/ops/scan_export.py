@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .scan_ref import check_scan_inputs
+from .scan_ref import check_scan_inputs, scan_delta, scan_output
 
 __all__ = ["selective_scan_export", "associative_linear_scan"]
 
@@ -149,11 +149,7 @@ def selective_scan_export(
     cdt = torch.promote_types(u.dtype, torch.float32)
     groups = _groups(B, C)
     u_f = u.to(cdt)
-    dt = delta.to(cdt)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(cdt)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    dt = scan_delta(delta, delta_bias, delta_softplus, cdt)
     # whole chunks: identity steps at the end (delta 0: a = 1, b = 0) leave the state as it is
     chunk = min(_CHUNK, max(1, length))
     pad = -length % chunk
@@ -170,11 +166,7 @@ def selective_scan_export(
         y, h_last = _segment(*rows, A_g, *b_c, h_last, chunk)
         ys.append(y.permute(0, 2, 3, 1, 4).flatten(3))  # (batch, g, dim // g, segment)
     y = (torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]).flatten(1, 2)[..., :length] if ys else u_f[..., :0]
-    if D is not None:
-        y = y + u_f * D.to(cdt)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    out = y.to(dtype_in)
+    out = scan_output(y, u_f, D, z, dtype_in)
     if not return_last_state:
         return out
     last = h_last.flatten(1, 2) if h_last is not None else u_f.new_zeros(batch, dim, n_state)

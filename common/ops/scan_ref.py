@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan_ref", "check_scan_inputs"]
+__all__ = ["selective_scan_ref", "check_scan_inputs", "scan_delta", "scan_output"]
 
 
 def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
@@ -59,6 +59,26 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Non
         raise ValueError(f"selective_scan: z shape {tuple(z.shape)} != u shape {tuple(u.shape)}")
 
 
+def scan_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The time steps the recurrence uses: ``delta`` in ``dtype``, plus ``delta_bias`` per channel, softplus."""
+    dt = delta.to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def scan_output(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The scan's output from the states' contraction ``y`` (in ``u``'s compute dtype): the ``D * u`` skip,
+    the ``silu(z)`` gate, then ``dtype``."""
+    if D is not None:
+        y = y + u * D.to(u.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(u.dtype))
+    return y.to(dtype)
+
+
 def _per_channel(t: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """B or C in ``dtype``, broadcastable to (batch, dim, N, L) (or (dim, N) when fixed)."""
     t = t.to(dtype)
@@ -91,11 +111,7 @@ def selective_scan_ref(
     batch, dim, length = u.shape
     cdt = torch.promote_types(u.dtype, torch.float32)  # float32 state math (float64 stays float64)
     u_f = u.to(cdt)
-    dt = delta.to(cdt)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(cdt)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    dt = scan_delta(delta, delta_bias, delta_softplus, cdt)
     A_f = A.to(cdt)
     Bc, Cc = _per_channel(B, dim, cdt), _per_channel(C, dim, cdt)
     h = u_f.new_zeros(batch, dim, A.shape[1])
@@ -107,9 +123,5 @@ def selective_scan_ref(
         h = torch.exp(dt_t * A_f) * h + dt_t * b_t * u_f[:, :, t, None]
         ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u_f.new_zeros(batch, dim, 0)
-    if D is not None:
-        y = y + u_f * D.to(cdt)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    out = y.to(dtype_in)
+    out = scan_output(y, u_f, D, z, dtype_in)
     return (out, h) if return_last_state else out

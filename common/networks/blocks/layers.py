@@ -259,9 +259,8 @@ def fuse_conv_bn_for_inference(module: nn.Module, enabled: bool = True) -> nn.Mo
             continue
         transpose = type(conv) is nn.ConvTranspose2d
         fused = fuse_conv_bn_eval(conv, norm, transpose=transpose)
-        for path, new in ((a, fused), (b, FoldedBatchNorm2d(norm.num_features, norm.eps).eval())):
-            owner, _, leaf = path.rpartition(".")
-            setattr(parent.get_submodule(owner) if owner else parent, leaf, new)
+        parent.set_submodule(a, fused)
+        parent.set_submodule(b, FoldedBatchNorm2d(norm.num_features, norm.eps).eval())
         if "_folded_conv_bn_pairs" not in parent.__dict__:
             parent._folded_conv_bn_pairs = []
             parent.register_load_state_dict_pre_hook(_fold_on_load)
@@ -344,8 +343,7 @@ def fuse_conv_relu_for_inference(module: nn.Module, enabled: bool = True, min_ke
         for name, norm in getattr(parent, "conv_relu", ()):
             conv = parent.get_submodule(name)
             if fusable(conv) and (norm is None or isinstance(parent.get_submodule(norm), FoldedBatchNorm2d)):
-                owner, _, leaf = name.rpartition(".")
-                setattr(parent.get_submodule(owner) if owner else parent, leaf, Conv2dReLU.from_conv(conv))
+                parent.set_submodule(name, Conv2dReLU.from_conv(conv))
                 fused += 1
     module.fused_conv_relu = getattr(module, "fused_conv_relu", 0) + fused
     return module
