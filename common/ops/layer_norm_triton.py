@@ -37,14 +37,11 @@ TILE_OVERRIDE: dict[str, tuple[int, int]] = {}
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def _sum(x, axis: tl.constexpr):
-    # our own reduction: the interpreter twin cannot call triton.language's compiled jit helpers
-    return tl.reduce(x, axis, _add)
+    # triton.language's own sum combine (what tl.sum reduces with) passed to tl.reduce, not tl.sum: the
+    # interpreter twin cannot call triton.language's jit helpers (tl.sum, tl.zeros), but it recognises this
+    # combine and sums with NumPy; any other combine it applies element by element in Python
+    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @triton.jit

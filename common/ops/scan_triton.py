@@ -115,15 +115,11 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def _sum(x, axis: tl.constexpr):
-    # tl.reduce with our own combine rather than tl.sum: under the interpreter twin, triton.language's
-    # own jit helpers (tl.sum, tl.zeros) were built for the compiler and cannot be called
-    return tl.reduce(x, axis, _add)
+    # triton.language's own sum combine (what tl.sum reduces with) passed to tl.reduce, not tl.sum: the
+    # interpreter twin cannot call triton.language's jit helpers (tl.sum, tl.zeros), but it recognises this
+    # combine and sums with NumPy; any other combine it applies element by element in Python
+    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @triton.jit
@@ -420,7 +416,7 @@ def _bwd_kernel(
 
 @triton.jit
 def _sum_keep(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _add, keep_dims=True)
+    return tl.reduce(x, axis, tl.standard._sum_combine, keep_dims=True)
 
 
 @triton.jit

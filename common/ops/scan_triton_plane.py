@@ -56,14 +56,9 @@ PLANE_CONFIG = {"chunk": 512, "line": 64, "max_side": 4096, "max_chunks": 64, "m
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def _sum_keep(x, axis: tl.constexpr):
-    # tl.reduce with our own combine (interpreter twins cannot call tl.sum), keeping the axis
-    return tl.reduce(x, axis, _add, keep_dims=True)
+    # as scan_triton._sum (the combine the interpreter sums with NumPy), keeping the axis
+    return tl.reduce(x, axis, tl.standard._sum_combine, keep_dims=True)
 
 
 @triton.jit

@@ -46,16 +46,11 @@ TILE_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def _sum(x, axis: tl.constexpr):
-    # our own reduction (the interpreter twin cannot call triton.language's compiled jit helpers);
+    # as scan_triton._sum (triton.language's sum combine, which the interpreter twin sums with NumPy);
     # defined here again rather than imported from scan_triton: the twin's relative import would
-    # bring the compiled module's helper, which the interpreter cannot call either
-    return tl.reduce(x, axis, _add)
+    # bring the compiled module's helper, which the interpreter cannot call
+    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @triton.jit
