@@ -165,6 +165,34 @@ def test_fold_batch_norms_keeps_the_outputs_and_handler_runs_after_loading():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
+def test_fold_handler_fuses_conv_relu_and_stores_channels_last_on_cuda(device):
+    """MSSMamba's inference config: FoldBatchNorms(conv_relu=True, channels_last=True) folds, fuses the 3x3
+    convolution + ReLU pairs and, on CUDA only, stores the weights channels-last; outputs unchanged."""
+    from ignite.engine import Engine
+
+    from common.handlers import FoldBatchNorms
+    from common.networks.resnet import ResNetTrunk
+
+    trunk = ResNetTrunk((1, 1), in_channels=1, num_stages=2)
+    _randomise_norms(trunk)
+    trunk = trunk.to(device)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        want = trunk.eval()(x)
+    trunk.train()
+    engine = Engine(lambda e, b: None)
+    FoldBatchNorms(trunk, conv_relu=True, channels_last=True).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert trunk.folded_conv_bn == 9 and trunk.fused_conv_relu > 0
+    convs = [m for m in trunk.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1 and m.in_channels > 1]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) == (device == "cuda") for c in convs)
+    with torch.no_grad():
+        got = trunk(x)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
 def test_conv_relu_fusion_keeps_outputs_and_keys(device):
     """After folding, each 3x3 convolution a ReLU follows (Sequentials, the bottlenecks' conv2) runs as one
     Conv2dReLU (one cuDNN call on CUDA): same outputs and state-dict keys; 1x1 convolutions and pairs with an
