@@ -39,9 +39,10 @@ from common.ops import layer_norm, scan_triton  # noqa: E402
 
 DEFAULT_NORM_SCOPE = layer_norm.SCOPE
 FOLDED = ("fold_bn", "fold_bn_ln_input_dtype", "fold_bn_compile", "fold_bn_channels_last", "fold_bn_conv_relu",
-          "fold_bn_channels_last_conv_relu")
-CHANNELS_LAST = ("channels_last", "fold_bn_channels_last", "fold_bn_channels_last_conv_relu")
-CONV_RELU = ("fold_bn_conv_relu", "fold_bn_channels_last_conv_relu")
+          "fold_bn_channels_last_conv_relu", "bundle_inference")
+CHANNELS_LAST = ("channels_last", "fold_bn_channels_last", "fold_bn_channels_last_conv_relu")  # weights and input
+CHANNELS_LAST_WEIGHTS = CHANNELS_LAST + ("bundle_inference",)
+CONV_RELU = ("fold_bn_conv_relu", "fold_bn_channels_last_conv_relu", "bundle_inference")
 
 
 def _load_module_copy(path: str, network: str):
@@ -78,6 +79,8 @@ def main(argv=None):
                          "fold_bn (batch norms folded into their convolutions), fold_bn_ln_input_dtype (both opt-ins), "
                          "fold_bn_compile (folded, then torch.compile, then graphed), fold_bn_channels_last (folded, "
                          "channels-last weights and input: cuDNN's bf16 kernels then need no layout conversions), "
+                         "bundle_inference (what MSSMamba's inference config does: folded, conv + ReLU fused, weights "
+                         "channels-last, the input as it comes), "
                          "fold_bn_conv_relu (folded, then each 3x3 convolution + ReLU as one cuDNN call: "
                          "fuse_conv_relu_for_inference), fold_bn_channels_last_conv_relu (both), "
                          "step=JSON (the step kernels with these STEP_CONFIG keys, e.g. "
@@ -122,7 +125,7 @@ def main(argv=None):
             fuse_conv_bn_for_inference(m)
         if v in CONV_RELU:  # 3x3 convolution + ReLU pairs as one cuDNN call each
             fuse_conv_relu_for_inference(m)
-        if v in CHANNELS_LAST:  # after folding, so that the folded weights are channels-last too
+        if v in CHANNELS_LAST_WEIGHTS:  # after folding, so that the folded weights are channels-last too
             m = m.to(memory_format=torch.channels_last)
         if v in ("compile", "fold_bn_compile"):
             torch._dynamo.config.cache_size_limit = 64
