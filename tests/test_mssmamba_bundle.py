@@ -34,19 +34,20 @@ def test_verify_net_in_out():
 
 @pytest.mark.slow
 def test_bundle_cli_learns_evaluates_and_infers(tmp_path):
-    """The bundle CLI end to end on the sample data, with a learning check: about 8 minutes of CPU
-    training, then the mean Dice of the 8 organs >= 0.78 on the 2 held-out sample volumes (per-volume
+    """The bundle CLI end to end on the sample data, with a learning check: about 12 minutes of CPU
+    training, then the mean Dice of the 8 organs >= 0.74 on the 2 held-out sample volumes (per-volume
     3D Dice of the best checkpoint, the bundle's evaluation), then inference on every sample volume.
 
     The recipe's optimizer and learning rate (SGD 0.01, momentum 0.9, poly decay), batch 4 at 64 x 64,
-    16 epochs (288 steps), no augmentation (a short run with TransUNet's rotations and flips confuses
-    the left and right kidneys). Chosen from GPU sweeps of these settings (benchmarks/results/
-    learning_sweeps_cuda_2026-11-25.json): 0.825-0.829 over 5 seeds. On CPU the same run gives
-    0.799-0.814 (seeds 1234 and 1, two machines: the float rounding of CPU kernels differs), hence a
-    bar of 0.78 (an untrained network scores about 0.0)."""
+    12 epochs (216 steps), no augmentation (a short run with TransUNet's rotations and flips confuses
+    the left and right kidneys). Until 2026-12-07: 16 epochs and a bar of 0.78 (0.825-0.829 over 5
+    seeds on an H100, 0.80-0.82 on CPUs), cut to keep the CI under 40 minutes. 12 epochs gave
+    0.776-0.803 over 4 seeds on an H100 and 0.788 on CPU with this test's seed 1234, every organ found
+    in all 8 sample volumes (benchmarks/results/learning_sweeps_ci_cuda_2026-12-07.json,
+    learning_checks_cpu_2026-12-07.json), hence 0.74; an untrained network scores about 0.0."""
     root = fresh_bundle(tmp_path)
     noaug = {"_target_": "Identityd", "keys": ["image", "label"]}
-    run_workflow(root, "training", {**QUICK, "batch_size": 4, "epochs": 16, "val_interval": 2,
+    run_workflow(root, "training", {**QUICK, "batch_size": 4, "epochs": 12, "val_interval": 2,
                                     "train#augmentation": noaug}, capture=True)
     for name in ("model.pt", "model_final.pt"):
         ckpt = torch.load(os.path.join(root, "models", name), map_location="cpu", weights_only=True)
@@ -58,7 +59,7 @@ def test_bundle_cli_learns_evaluates_and_infers(tmp_path):
     assert {f"val_mean_dice_{o}" for o in ORGANS} | {f"val_hd95_{o}" for o in ORGANS} <= set(metrics["per_volume"][0])
     summary = {(s["metric"], s["class"]): s["mean"] for s in metrics["summary"]}
     print("sample-data test mean Dice", summary[("val_mean_dice", "mean")], summary)
-    assert summary[("val_mean_dice", "mean")] >= 0.78
+    assert summary[("val_mean_dice", "mean")] >= 0.74
     run_workflow(root, "inference", {"image_size": 64, "save_overlays": True}, capture=True)
     sources = sorted(os.path.join(root, "sample_data", "nifti", "img", f) for f in
                      os.listdir(os.path.join(root, "sample_data", "nifti", "img")))
