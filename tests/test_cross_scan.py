@@ -234,14 +234,16 @@ def test_bidirectional_reference_is_forward_and_reversed_scans():
 
 @pytest.mark.parametrize("length,segs,store_dt,axis,vec", [
     (13, (0, 0), True, 0, False), (37, (4, 2), True, 1, False), (13, (0, 0), False, 1, False),
-    (13, (0, 0), True, 0, True), (37, (4, 2), False, 1, True), (36, (4, 2), True, 1, True)])
+    (13, (0, 0), True, 0, True), (37, (4, 2), False, 1, True), (36, (4, 2), True, 1, True), (37, (0, 0), True, 1, "par")])
 def test_bidirectional_triton_matches_the_reversed_copies(triton_mod, length, segs, store_dt, axis, vec):
     # odd lengths: a backward scan's last chunk is partly before position 0; forced time segments; dt
     # recomputed in the backward (read backwards from delta) instead of stored; both state axes of the
     # step kernels' tiles; the backward's B / C and dB / dC as scalars per step or as 4-step vectors (reversed
     # in registers)
     triton_mod.CONFIG_OVERRIDE["step"] = {"segs_fwd": segs[0], "segs_bwd": segs[1], "store_dt": store_dt,
-                                          "state_axis": axis, "bwd_vec": vec}
+                                          "state_axis": axis, "bwd_vec": vec is True}
+    if vec == "par":  # the parallel backward (time across the threads), two blocks of 32 steps
+        triton_mod.CONFIG_OVERRIDE["step"].update(bwd_par=True, par_block=32)
     inputs = make_bidirectional(2 if length < 20 else 1, 2 if length < 20 else 1, 8, length, 16)
     names = ["u", *NAMES[1:]]
     got = run(lambda *a, **k: bidirectional_selective_scan(*a, **k, backend="triton"), inputs, names)

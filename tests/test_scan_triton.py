@@ -243,6 +243,15 @@ STEP_CASES = [
     pytest.param(2, 16, 37, 16, 1, ALL, {"store_dt": False, "segs_fwd": 3, "segs_bwd": 2}, id="dt-recomputed-segments"),
     pytest.param(1, 32, 13, 12, 1, dict(NONE, last_state=True), {"store_dt": False, "nsub": 1},
                  id="dt-recomputed-bare"),
+    # the parallel backward (STEP_CONFIG["bwd_par"]: time across the threads, states in sequence): several
+    # blocks with a partial last one, two channels per program with groups and N 12, a block longer than
+    # the sequence, states stored every 4th chunk; with z the step backward runs instead
+    pytest.param(1, 16, 37, 16, 1, dict(ALL, with_z=False), {"bwd_par": True, "par_block": 32}, id="par-3blocks"),
+    pytest.param(2, 32, 41, 12, 2, dict(NONE, last_state=True), {"bwd_par": True, "par_block": 32, "par_bdp": 2},
+                 id="par-bdp2-groups-N12"),
+    pytest.param(1, 16, 64, 16, 1, dict(ALL, with_z=False, last_state=False),
+                 {"bwd_par": True, "par_block": 64, "par_warps": 2, "save_every": 4}, id="par-2warps-every-4th"),
+    pytest.param(1, 16, 11, 16, 1, ALL, {"bwd_par": True}, id="par-z-falls-back"),
 ]
 
 
@@ -268,6 +277,8 @@ def test_step_kernels(interpreter, batch, dim, length, n, groups, opts, step):
     assert (cfg["BD"], cfg["BD_bwd"]) == ((small, small) if small > 8 else (step.get("bd_fwd", 8), block))
     assert cfg["dbc"] == step.get("dbc", "partial")
     assert (cfg["segs_fwd"], cfg["segs_bwd"]) == (step.get("segs_fwd", 1), step.get("segs_bwd", 1))
+    par = interpreter._par_config(cfg, dim, length, n, opts["with_z"], batch, torch.device(DEVICE))
+    assert bool(par) == (step.get("bwd_par") is True and not opts["with_z"])
     shape = (batch, groups, n, length)
     inputs = make_inputs(batch, dim, length, n, b_shape=shape, c_shape=shape)
     if not opts["softplus"]:
@@ -293,6 +304,19 @@ def test_step_backward_keeps_delta_only_to_recompute_dt(interpreter, store_dt):
         out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=out.device)).view_as(out))
         grads.append(leaves[1].grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_backward_policy(interpreter):
+    # STEP_CONFIG["bwd_par"] = "auto": the parallel backward where the step backward's grid fills the GPU badly,
+    # at L >= 1024 (an H100's 132 multiprocessors; the shapes timed on 2026-12-07)
+    wins = interpreter._par_wins
+    assert wins(24 * 768 // 16, 2, 4096, 132)  # Mamba-HUNet stage 1: 1152 programs, 1.09 waves
+    assert wins(24 * 1536 // 16, 2, 1024, 132)  # stage 2: 2.18 waves
+    assert wins(10 * 768 // 8, 1, 12544, 132)  # MSSMamba level 1: one block a program
+    assert not wins(10 * 1536 // 16, 2, 3136, 132)  # 0.91 of one wave
+    assert not wins(24 * 3072 // 16, 2, 256, 132)  # short sequences: the step backward
+    cfg = interpreter._step_config(768, 4096, 16, 192, 24, False, False, torch.device("cpu"))
+    assert interpreter._par_config(cfg, 768, 4096, 16, False, 24, torch.device("cpu")) is None  # CUDA only
 
 
 def test_step_segments_policy(interpreter):

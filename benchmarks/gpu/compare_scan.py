@@ -337,6 +337,14 @@ STEP_VARIANTS = {
     "scalar_bwd": {"bwd_vec": False},
     "bwd_maxnreg224": {"bwd_maxnreg": 224},
     "fwd_maxnreg112": {"fwd_maxnreg": 112},
+    # the parallel backward (_bwd_kernel_p: time across the threads, the states in sequence), written 2026-12-07:
+    # 1024-step blocks of 4 warps (8 steps a thread), two channels a program, 2048-step blocks of 8 warps, one-warp
+    # programs of 256 steps (8 a thread) and 512 (16 a thread)
+    "par": {"bwd_par": True},
+    "par_bdp2": {"bwd_par": True, "par_bdp": 2},
+    "par_block2048": {"bwd_par": True, "par_block": 2048},
+    "par_256w1": {"bwd_par": True, "par_block": 256},
+    "par_512w1": {"bwd_par": True, "par_block": 512, "par_steps": 16},
 }
 
 

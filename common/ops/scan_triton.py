@@ -30,6 +30,9 @@ Four kernel families, chosen per call:
   give too few programs (batch-1 inference), the sequence is split into time segments: a local pass
   per segment (its end state from zero and its summed dt; in the backward, its adjoint from zero),
   then each segment's program starts from the carry composed over the segments before (after) it.
+  An opt-in parallel backward for the step forward (``STEP_CONFIG["bwd_par"]``, ``_bwd_kernel_p``;
+  mamba-ssm's scheme): the time axis across the threads and the states one after another, each block's
+  states and adjoints by two ``tl.associative_scan``s, dB / dC added with atomics per channel.
 - Time-in-thread kernels (the fused cross-scan mode, and ``CONFIG_OVERRIDE["path"] = "time"``). 5-D
   tiles ``(BLOCK_L, N / LN, warps, LN, 32 / LN)``, meant to give each thread all ``BLOCK_L`` steps;
   compiled, Triton's layout choice puts lanes on the time axis of some of them (benchmarks/README.md).
@@ -1238,6 +1241,123 @@ def _v_put(ptr, off3, o3, m3, mask_n3, p0, p1, p2, p3, rv, ATOMIC: tl.constexpr,
         tl.store(ptr + off3 + o3, v, mask=mask_n3 & m3)
 
 
+
+@triton.jit
+def _bwd_kernel_p(
+    u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dts_ptr, dout_ptr, q_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    dim, L, n_state, n_saved, slot,
+    sb_batch, sb_group, sb_n, dpg_b,
+    sc_batch, sc_group, sc_n, dpg_c,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr,
+    BDP: tl.constexpr, BLOCK_L: tl.constexpr, SAVE_STEPS: tl.constexpr, REV: tl.constexpr, RVK: tl.constexpr,
+    FWD_REVERSE: tl.constexpr, ADJ_REVERSE: tl.constexpr,
+):
+    # "parallel" backward of the step forward (time-varying B and C, dt stored, no z): the time axis across
+    # the threads, the states one after another. A program owns BDP channels of one batch element and walks
+    # the sequence back in blocks of BLOCK_L steps, a (BDP, BLOCK_L) tile each in memory order, with each
+    # thread holding BLOCK_L / (32 * warps) consecutive positions. Per state n: the block's states from the
+    # stored state entering it (the forward stores one every SAVE_STEPS steps; BLOCK_L is a multiple of it)
+    # by one scan, the adjoint q[t] = C[t] dy[t] + a[t+1] q[t+1] by a scan the other way from the adjoint
+    # entering from the later block (q_ptr, two slots; this block's first step is written to the other),
+    # and their gradient terms: du / ddt summed over the states in registers (no reductions), dA as a sum
+    # over the block's steps, dB / dC summed over the program's channels and added with atomics (the
+    # channels of a group are in many programs). a[t] h[t-1] is formed as h[t] - dt B u, as in mamba-ssm's
+    # backward.
+    #
+    # REV (the bidirectional mode): the forward slots and the backward slots are two launches (RVK 0 / 1;
+    # grid axis 0 over the slots' channels). A backward slot's step t lies at memory position L - 1 - t, so
+    # its blocks are read in memory order too (vector loads) and scanned the other way: the states by a
+    # reverse scan (FWD_REVERSE), the adjoint by a forward one (ADJ_REVERSE off), a[t+1] one position down.
+    CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BDP
+    if REV:  # channel i of the RVK-th slot of each pair
+        d0 = (d0 // slot) * 2 * slot + RVK * slot + d0 % slot
+    dd = d0 + tl.arange(0, BDP)[:, None]  # (BDP, 1)
+    ti = tl.arange(0, BLOCK_L)[None, :]  # (1, BLOCK_L)
+    row = (pid_b * dim + dd).to(tl.int64) * L
+    urow = row
+    if REV:
+        urow = _rev_urow(pid_b, dim, d0, dd, slot, L)
+    b_base = pid_b * sb_batch + (d0 // dpg_b) * sb_group
+    c_base = pid_b * sc_batch + (d0 // dpg_c) * sc_group
+    qrow = (pid_b * dim + dd) * n_state
+    q_slot = tl.num_programs(1) * dim * n_state
+    Dv = _s_channel(D_ptr, dd, HAS_D, CDT)
+    nidx = tl.arange(0, 32)[None, :]  # the dA accumulator's state columns (n_state <= 32)
+    dA_acc = (dd * 0 + nidx * 0).to(CDT)
+    dD_acc = (dd * 0).to(CDT)
+    db_acc = (dd * 0).to(CDT)
+    n_blocks = (L + BLOCK_L - 1) // BLOCK_L
+    for i in range(0, n_blocks):
+        k = n_blocks - 1 - i  # the block of steps [k BLOCK_L, (k + 1) BLOCK_L)
+        if RVK:  # at positions L - (k + 1) BLOCK_L + ti; step k BLOCK_L is the last of them
+            p = L - (k + 1) * BLOCK_L + ti
+            t = L - 1 - p
+            m = p >= 0
+            pn = p - 1
+            mn = pn >= 0
+        else:
+            p = k * BLOCK_L + ti
+            t = p
+            m = p < L
+            pn = p + 1
+            mn = pn < L
+        u = tl.load(u_ptr + urow + p, mask=m, other=0.0).to(CDT)
+        dt = tl.load(dts_ptr + row + p, mask=m, other=0.0)
+        dtn = tl.load(dts_ptr + row + pn, mask=mn, other=0.0)  # the next step's; 0 past the end: a = 1 there
+        dy = tl.load(dout_ptr + row + p, mask=m, other=0.0).to(CDT)
+        dtu = dt * u
+        gB = dt * 0.0  # sum_n q B
+        gX = dt * 0.0  # sum_n A q a h[t-1]
+        first = t == k * BLOCK_L
+        # two slots of adjoints (batch x dim x N apart): this block reads slot (k + 1) % 2 and writes its own
+        # first step's to slot k % 2, so no thread overwrites a carry another one has still to read
+        q_in = qrow + ((k + 1) % 2) * q_slot
+        q_out = qrow + (k % 2) * q_slot
+        sidx = ((pid_b * n_saved + (k * BLOCK_L) // SAVE_STEPS) * dim + dd) * n_state
+        tl.debug_barrier()  # the adjoints written back by the last block
+        for n in range(0, n_state):
+            A_n = tl.load(A_ptr + dd * n_state + n).to(CDT)
+            A2 = A_n * _LOG2E
+            Bn = tl.load(B_ptr + b_base + n * sb_n + p, mask=m, other=0.0).to(CDT)
+            Cn = tl.load(C_ptr + c_base + n * sc_n + p, mask=m, other=0.0).to(CDT)
+            a = tl.exp2(A2 * dt)
+            an = tl.exp2(A2 * dtn)
+            bu = Bn * dtu
+            P, hl = tl.associative_scan((a, bu), axis=1, combine_fn=_combine, reverse=FWD_REVERSE)
+            h = hl + P * tl.load(states_ptr + sidx + n)
+            S, ql = tl.associative_scan((an, dy * Cn), axis=1, combine_fn=_combine, reverse=ADJ_REVERSE)
+            q = ql + S * tl.load(q_ptr + q_in + n)
+            # the first step's adjoint, picked out by a sum (a masked store of the tile would take a layout
+            # of its own: a conversion of the whole tile through shared memory)
+            tl.store(q_ptr + q_out + n, _sum(tl.where(first, q, 0.0), 1)[:, None])
+            gB += q * Bn
+            x = q * (h - bu)  # q a h[t-1]
+            gX += A_n * x
+            dA_acc += tl.where(nidx == n, _sum(x * dt, 1)[:, None], 0.0)
+            tl.atomic_add(dB_ptr + b_base + n * sb_n + p, _sum(q * dtu, 0)[None, :], mask=m, sem="relaxed")
+            tl.atomic_add(dC_ptr + c_base + n * sc_n + p, _sum(dy * h, 0)[None, :], mask=m, sem="relaxed")
+        du = dt * gB
+        if HAS_D:
+            du += Dv * dy
+            dD_acc += _sum(dy * u, 1)[:, None]
+        ddt = u * gB + gX
+        if SOFTPLUS:  # sigmoid(x) = 1 - exp(-softplus(x)); a series where that cancels
+            ddt = ddt * tl.where(dt < 0.01, dt * (1.0 - dt * (0.5 - dt / 6.0)), 1.0 - tl.exp(-dt))
+        ddt = tl.where(m, ddt, 0.0)
+        db_acc += _sum(ddt, 1)[:, None]
+        tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddt_ptr + row + p, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+    bd = pid_b * dim + dd
+    tl.store(dA_ptr + bd * n_state + nidx, dA_acc, mask=nidx < n_state)
+    if HAS_D:
+        tl.store(dD_ptr + bd, dD_acc)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + bd, db_acc)
+
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap that divides n."""
     p = 1
@@ -1396,11 +1516,19 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # was slower everywhere: forward 1.86 -> 2.25 ms and forward + backward (vector backward) 9.61 -> 14.61 ms at
 # b24 192 @ 4096 bf16, Mamba-HUNet training 200.5 -> 158.1 images/s, a batch-1 MSSMamba slice 5.00 -> 5.60
 # ms (benchmarks/README.md, "Step-kernel candidates timed").
+# bwd_par (written 2026-12-07, off): the parallel backward _bwd_kernel_p instead of the step backward (True, or
+# "auto": where _par_wins); par_bdp / par_block / par_warps / par_steps: its channels per program, block length,
+# warps (0: par_block / (32 par_steps)). H100, plain mode, forward + backward at one-warp 256-step blocks:
+# b24 192 @ 4096 bf16 9.75 -> 7.43 ms, fp32 10.41 -> 7.50, b10 192 @ 12544 bf16 10.36 -> 9.07, but slower
+# at L <= 784 and at b10 384 @ 3136 (4.54 -> 4.77). In the networks (the bidirectional mode, H200) the first
+# version, which read a backward slot's blocks with descending addresses, made bf16 training slower
+# (Mamba-HUNet 214.8 -> 174.0 images/s graphed, MSSMamba 98.0 -> 85.3); the memory-order version is untimed.
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
                "store_dt": True, "state_axis": None, "prefetch_fwd": True, "fwd_maxnreg": None,
-               "bwd_maxnreg": None, "bwd_vec": True}
+               "bwd_maxnreg": None, "bwd_vec": True, "bwd_par": False, "par_bdp": 1, "par_block": 256,
+               "par_warps": 0, "par_steps": 8}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -1430,6 +1558,46 @@ def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every:
             s *= 2
     per = triton.cdiv(triton.cdiv(n_chunks, s), every) * every
     return triton.cdiv(n_chunks, per), per
+
+
+def _par_wins(programs: int, nsub: int, length: int, sms: int) -> bool:
+    """Whether the parallel backward beats the step backward (``programs`` one-warp programs of ``nsub``
+    channel blocks) at sequence length ``length`` on ``sms`` multiprocessors (``_par_config``'s rule)."""
+    if length < 1024:
+        return False
+    waves = programs / (8 * sms)
+    return 235.0 * (waves / math.ceil(waves)) * (1.0 if nsub == 2 else 0.85) < 210.0
+
+
+def _par_config(scfg, dim, length, n_state, has_z, batch, device):
+    """(channels per program, block length, warps) of the parallel backward (``_bwd_kernel_p``) for a
+    scan the step forward ran, or None where the step backward runs: ``STEP_CONFIG["bwd_par"]`` False,
+    z, dt not stored, more than 32 states, time segments, or blocks that do not fit the stored states'
+    spacing. ``True`` forces it; ``"auto"`` takes it on CUDA where the step backward would fill the GPU
+    badly. Off by default: in the networks (the bidirectional mode) its first version made training slower
+    (benchmarks/README.md, "The parallel backward"); the version that reads a backward slot's blocks in
+    memory order is not timed there yet.
+
+    The rule comes from the H100 timings of 2026-12-07 (plain mode, first version):
+    the parallel backward does about 210 G state-steps a second at L >= 1024 whatever the grid; the step
+    backward's one-warp programs (8 a multiprocessor at 255 registers) about 235 G in whole waves, times
+    the used fraction of its last wave, and 15 % less with one block a program. So: L >= 1024 and
+    ``235 * fill * (1 or 0.85) < 210``.
+    """
+    conf = dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))
+    mode = conf["bwd_par"]
+    if not mode or has_z or not scfg["store_dt"] or n_state > 32 or scfg["segs_bwd"] > 1:
+        return None
+    if mode == "auto" and (device.type != "cuda" or not _par_wins(batch * dim // (scfg["NSUB"] * scfg["BD_bwd"]),
+                                                                  scfg["NSUB"], length, _sm_count(device))):
+        return None
+    bdp = conf["par_bdp"]
+    block_l = min(conf["par_block"], max(32, triton.next_power_of_2(length)))
+    save_steps = 4 * scfg["save_every"]
+    if dim % bdp or block_l % save_steps or scfg["BD_bwd"] % bdp:
+        return None
+    warps = conf["par_warps"] or max(1, min(8, block_l // (32 * conf["par_steps"])))
+    return bdp, block_l, warps
 
 
 def _step_config(dim, length, n_state, gdims, batch, any_fixed, spatial, device):
@@ -1621,7 +1789,30 @@ class SelectiveScanTriton(torch.autograd.Function):
         opts = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                     SOFTPLUS=ctx.delta_softplus, FP64=fp64, SPATIAL=ctx.spatial)
         tcfg, scfg = ctx.tcfg, ctx.scfg
-        if scfg is not None:
+        par = scfg is not None and _par_config(scfg, dim, length, n_state, z is not None, batch, dev)
+        if par:
+            states, dts = saved
+            bdp, block_l, warps = par
+            q = torch.zeros(2, batch, dim, n_state, dtype=cdt, device=dev)  # the adjoint carries, two slots
+            if dlast is not None:
+                q[triton.cdiv(length, block_l) % 2] = dlast
+            dA_part = torch.empty(batch, dim, n_state, dtype=cdt, device=dev)
+            dB = torch.zeros(Bc.shape, dtype=cdt, device=dev)
+            dC = torch.zeros(Cc.shape, dtype=cdt, device=dev)
+            dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
+            dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
+            rev = bool(ctx.rev_slot)
+            for rvk in (0, 1) if rev else (0,):  # the bidirectional mode: forward slots, then backward ones
+                _bwd_kernel_p[(dim // (2 if rev else 1) // bdp, batch)](
+                    u, A, Bc, Cc, D if D is not None else dummy, states, dts, dout, q,
+                    du, ddelta, dA_part, dB, dC,
+                    dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+                    dim, length, n_state, states.shape[1], ctx.rev_slot, *strides,
+                    HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, FP64=fp64,
+                    BDP=bdp, BLOCK_L=block_l, SAVE_STEPS=4 * scfg["save_every"], REV=rev, RVK=rvk,
+                    FWD_REVERSE=bool(rvk), ADJ_REVERSE=not rvk, num_warps=warps,
+                )
+        elif scfg is not None:
             states, dts = saved
             if not scfg["store_dt"]:  # recomputed from delta
                 dts = delta
