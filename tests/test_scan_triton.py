@@ -306,6 +306,21 @@ def test_step_backward_keeps_delta_only_to_recompute_dt(interpreter, store_dt):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+def test_parallel_backward_bf16_split_atomics(interpreter):
+    # bf16 inputs at the default blocks (256 steps, one warp, 8 steps a thread): dB / dC are added as the two
+    # 4-step halves of each thread's steps (_p_add's SPLIT), the last block partial, a backward slot's blocks
+    # read in memory order; against the float64 reference on the same bf16-rounded inputs
+    interpreter.CONFIG_OVERRIDE.update(step={"bwd_par": True}, min_programs=1)
+    cfg = interpreter._step_config(8, 300, 16, 8, 1, False, False, torch.device(DEVICE))
+    assert interpreter._par_config(cfg, 8, 300, 16, False, 1, torch.device(DEVICE)) == (1, 256, 1)
+    shape = (1, 1, 16, 300)
+    inputs = make_inputs(1, 8, 300, 16, b_shape=shape, c_shape=shape, dtype=torch.bfloat16)
+    opts = dict(ALL, with_z=False)
+    got = outputs_and_grads(triton_scan, inputs, **opts)
+    want = outputs_and_grads(selective_scan_ref, [t.double() for t in inputs], **opts)
+    compare(got, {k: v.to(got[k].dtype) for k, v in want.items()}, torch.bfloat16)
+
+
 def test_parallel_backward_policy(interpreter):
     # STEP_CONFIG["bwd_par"] = "auto": the parallel backward where the step backward's grid fills the GPU badly,
     # at L >= 1024 (an H100's 132 multiprocessors; the shapes timed on 2026-12-07)

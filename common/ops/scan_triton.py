@@ -1243,6 +1243,23 @@ def _v_put(ptr, off3, o3, m3, mask_n3, p0, p1, p2, p3, rv, ATOMIC: tl.constexpr,
 
 
 @triton.jit
+def _p_add(ptr, p0, v, L, SPLIT: tl.constexpr):
+    # add the block's dB / dC terms v (BLOCK_L steps from position p0) with atomics. SPLIT (16-bit inputs, 8
+    # steps a thread): v's layout holds 8 consecutive steps in each thread, but an atomic takes at most 128 bits
+    # a thread, so Triton would convert the whole vector to a 4-step layout through shuffles; split in the
+    # thread into its two 4-step halves instead, each added in the layout it has
+    if SPLIT:
+        BL: tl.constexpr = v.shape[0]
+        lo, hi = tl.split(tl.permute(tl.reshape(v, (BL // 8, 2, 4)), (0, 2, 1)))
+        pos = p0 + 8 * tl.arange(0, BL // 8)[:, None] + tl.arange(0, 4)[None, :]
+        tl.atomic_add(ptr + pos, lo, mask=(pos >= 0) & (pos < L), sem="relaxed")
+        tl.atomic_add(ptr + pos + 4, hi, mask=(pos + 4 >= 0) & (pos + 4 < L), sem="relaxed")
+    else:
+        pos = p0 + tl.arange(0, v.shape[0])
+        tl.atomic_add(ptr + pos, v, mask=(pos >= 0) & (pos < L), sem="relaxed")
+
+
+@triton.jit
 def _bwd_kernel_p(
     u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dts_ptr, dout_ptr, q_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
@@ -1251,7 +1268,7 @@ def _bwd_kernel_p(
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr,
     BDP: tl.constexpr, BLOCK_L: tl.constexpr, SAVE_STEPS: tl.constexpr, REV: tl.constexpr, RVK: tl.constexpr,
-    FWD_REVERSE: tl.constexpr, ADJ_REVERSE: tl.constexpr,
+    FWD_REVERSE: tl.constexpr, ADJ_REVERSE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # "parallel" backward of the step forward (time-varying B and C, dt stored, no z): the time axis across
     # the threads, the states one after another. A program owns BDP channels of one batch element and walks
@@ -1294,13 +1311,15 @@ def _bwd_kernel_p(
     for i in range(0, n_blocks):
         k = n_blocks - 1 - i  # the block of steps [k BLOCK_L, (k + 1) BLOCK_L)
         if RVK:  # at positions L - (k + 1) BLOCK_L + ti; step k BLOCK_L is the last of them
-            p = L - (k + 1) * BLOCK_L + ti
+            p0 = L - (k + 1) * BLOCK_L
+            p = p0 + ti
             t = L - 1 - p
             m = p >= 0
             pn = p - 1
             mn = pn >= 0
         else:
-            p = k * BLOCK_L + ti
+            p0 = k * BLOCK_L
+            p = p0 + ti
             t = p
             m = p < L
             pn = p + 1
@@ -1338,8 +1357,8 @@ def _bwd_kernel_p(
             x = q * (h - bu)  # q a h[t-1]
             gX += A_n * x
             dA_acc += tl.where(nidx == n, _sum(x * dt, 1)[:, None], 0.0)
-            tl.atomic_add(dB_ptr + b_base + n * sb_n + p, _sum(q * dtu, 0)[None, :], mask=m, sem="relaxed")
-            tl.atomic_add(dC_ptr + c_base + n * sc_n + p, _sum(dy * h, 0)[None, :], mask=m, sem="relaxed")
+            _p_add(dB_ptr + b_base + n * sb_n, p0, _sum(q * dtu, 0), L, SPLIT)
+            _p_add(dC_ptr + c_base + n * sc_n, p0, _sum(dy * h, 0), L, SPLIT)
         du = dt * gB
         if HAS_D:
             du += Dv * dy
@@ -1811,6 +1830,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                     HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, FP64=fp64,
                     BDP=bdp, BLOCK_L=block_l, SAVE_STEPS=4 * scfg["save_every"], REV=rev, RVK=rvk,
                     FWD_REVERSE=bool(rvk), ADJ_REVERSE=not rvk, num_warps=warps,
+                    SPLIT=u.element_size() == 2 and block_l == 256 * warps,
                 )
         elif scfg is not None:
             states, dts = saved
