@@ -1241,7 +1241,6 @@ def _v_put(ptr, off3, o3, m3, mask_n3, p0, p1, p2, p3, rv, ATOMIC: tl.constexpr,
         tl.store(ptr + off3 + o3, v, mask=mask_n3 & m3)
 
 
-
 @triton.jit
 def _p_add(ptr, p0, v, L, SPLIT: tl.constexpr):
     # add the block's dB / dC terms v (BLOCK_L steps from position p0) with atomics. SPLIT (16-bit inputs, 8
@@ -1268,7 +1267,7 @@ def _bwd_kernel_p(
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr,
     BDP: tl.constexpr, BLOCK_L: tl.constexpr, SAVE_STEPS: tl.constexpr, REV: tl.constexpr, RVK: tl.constexpr,
-    FWD_REVERSE: tl.constexpr, ADJ_REVERSE: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # "parallel" backward of the step forward (time-varying B and C, dt stored, no z): the time axis across
     # the threads, the states one after another. A program owns BDP channels of one batch element and walks
@@ -1285,8 +1284,10 @@ def _bwd_kernel_p(
     # REV (the bidirectional mode): the forward slots and the backward slots are two launches (RVK 0 / 1;
     # grid axis 0 over the slots' channels). A backward slot's step t lies at memory position L - 1 - t, so
     # its blocks are read in memory order too (vector loads) and scanned the other way: the states by a
-    # reverse scan (FWD_REVERSE), the adjoint by a forward one (ADJ_REVERSE off), a[t+1] one position down.
+    # reverse scan, the adjoint by a forward one, a[t+1] one position down.
     CDT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    FWD_REVERSE: tl.constexpr = RVK == 1  # the states' scan runs down the memory positions
+    ADJ_REVERSE: tl.constexpr = RVK == 0  # the adjoint's
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = pid_d * BDP
@@ -1376,6 +1377,7 @@ def _bwd_kernel_p(
         tl.store(dD_ptr + bd, dD_acc)
     if HAS_BIAS:
         tl.store(dbias_ptr + bd, db_acc)
+
 
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap that divides n."""
@@ -1829,8 +1831,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                     dim, length, n_state, states.shape[1], ctx.rev_slot, *strides,
                     HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, FP64=fp64,
                     BDP=bdp, BLOCK_L=block_l, SAVE_STEPS=4 * scfg["save_every"], REV=rev, RVK=rvk,
-                    FWD_REVERSE=bool(rvk), ADJ_REVERSE=not rvk, num_warps=warps,
-                    SPLIT=u.element_size() == 2 and block_l == 256 * warps,
+                    SPLIT=u.element_size() == 2 and block_l == 256 * warps, num_warps=warps,
                 )
         elif scfg is not None:
             states, dts = saved
