@@ -137,7 +137,7 @@ def test_metadata_is_valid():
 
 
 def test_verify_net_in_out():
-    bundle_checks.check_net_in_out("msvmunet_acdc", "--n", "2")
+    bundle_checks.check_net_in_out("msvmunet_acdc", n=2)
 
 
 @pytest.mark.slow

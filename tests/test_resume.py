@@ -1,10 +1,10 @@
 """Reproducible and resumable training through the bundle CLI (issue 9: resume, determinism).
 
 A short MSVM-UNet run on a tiny synthetic ACDC set (3 epochs, 4 iterations each, validation every
-epoch) is the reference. The same run again must give bit-identical weights (CPU, same seed); a run
-killed in the middle of epoch 2 (SIGKILL, or SIGTERM) and restarted with ``resume=True`` must end
-with exactly the reference's final weights, optimizer and scheduler state, having trained only
-epochs 2 and 3 the second time.
+epoch) is the reference. A run killed in the middle of epoch 2 (SIGKILL, or SIGTERM) and restarted
+with ``resume=True`` must end with exactly the reference's final weights, optimizer and scheduler
+state, having trained only epochs 2 and 3 the second time: the same seed gives bit-identical weights
+(CPU) across processes, and resuming loses nothing.
 """
 
 from __future__ import annotations
@@ -82,16 +82,14 @@ def reference(data, module_tmp):
     root = bundle_checks.fresh_bundle(NAME, module_tmp("reference"))
     out = _finish(_start(root, data, resume=True))  # nothing to resume yet: starts from epoch 1
     assert "no checkpoint at" in out and "training starts from epoch 1" in out
-    return _final(root)
-
-
-def test_same_seed_gives_bit_identical_weights(data, reference, tmp_path):
-    root = bundle_checks.fresh_bundle(NAME, tmp_path)
-    _finish(_start(root, data))
     digest, state = _final(root)
-    assert digest == reference[0]
-    assert _digest(state["optimizer"]) == _digest(reference[1]["optimizer"])
     assert state["trainer"]["iteration"] == EPOCHS * 4 and state["trainer"]["epoch_length"] == 4
+    return digest, state
+
+
+# Same seed, same weights: each test below trains in two fresh processes (killed, then resumed) and
+# must reach this reference's weights bit for bit, so a training that is not reproducible across
+# processes fails them too. (A separate run from scratch, compared with the reference, cost ~40 s of CI.)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
