@@ -247,7 +247,7 @@ STEP_CASES = [
     # blocks with a partial last one, two channels per program with groups and N 12, a block longer than
     # the sequence, states stored every 4th chunk; with z the step backward runs instead
     pytest.param(1, 16, 37, 16, 1, dict(ALL, with_z=False), {"bwd_par": True, "par_block": 32}, id="par-3blocks"),
-    pytest.param(1, 32, 41, 12, 2, dict(NONE, last_state=True), {"bwd_par": True, "par_block": 32, "par_bdp": 2},
+    pytest.param(1, 16, 41, 12, 2, dict(NONE, last_state=True), {"bwd_par": True, "par_block": 32, "par_bdp": 2},
                  id="par-bdp2-groups-N12"),
     pytest.param(1, 16, 64, 16, 1, dict(ALL, with_z=False, last_state=False),
                  {"bwd_par": True, "par_block": 64, "par_warps": 2, "save_every": 4}, id="par-2warps-every-4th"),
