@@ -4,7 +4,7 @@
                                      [--rounds 5] [--out results.json]
 
 The old kernel is ``git show REV:common/ops/csrc/selective_scan_cpu.c`` compiled with ``--old-flags``
-(default: the flags that revision used) into a temporary folder; the new one is this tree's
+(default: the flags this tree builds with) into a temporary folder; the new one is this tree's
 library as :mod:`common.ops.scan_cpu` builds it. Both run through this tree's autograd wrapper, so
 only the kernels differ, alternating round by round (this machine is shared and noisy: compare
 within one run). Shapes: the networks' SS2D scans at the bundles' CPU learning-check sizes (4
@@ -42,7 +42,10 @@ SHAPES = [
     ("MSSMamba 64 px stage 2", 4, 1536, 256, 16),
     ("MSVM-UNet 96 px stage 1 (N 1)", 8, 384, 576, 1),
 ]
-OLD_FLAGS = "-O3 -march=native -fopenmp -fno-math-errno -Wno-psabi"
+# the flags this tree builds with, so that by default only the sources differ. Revisions before FMA contraction
+# (bc1268e and older) built with "-O3 -march=native -fopenmp -fno-math-errno -Wno-psabi" (pass it as --old-flags);
+# built that way a recent kernel runs ~1.3-1.7x slower on this project's AVX2 machine.
+OLD_FLAGS = " ".join(scan_cpu._FLAG_SETS[0])
 
 
 def build_old(rev: str, flags: str, folder: str) -> ctypes.CDLL:
