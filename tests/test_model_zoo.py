@@ -142,12 +142,10 @@ def test_torchscript_export_through_monai_cli(name, trained, tmp_path, monkeypat
             "scan_backend": "export", "use_trace": True, "input_shape": [1, 1, size, size],
             "converter_kwargs": {"check_trace": False}}
     start = time.perf_counter()
-    if name == "mambahunet_ms":
-        cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", ts_file,
-               "--ckpt_file", ckpt, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-               "--bundle_root", os.path.join(REPO, name), "--image_size", str(size), "--scan_backend", "export",
-               "--use_trace", "True", "--input_shape", f"[1, 1, {size}, {size}]",
-               "--converter_kwargs", "{'check_trace': False}"]
+    if name == "mambahunet_ms":  # the same arguments as the CLI takes them (fire parses Python literals)
+        cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def"]
+        for key, value in args.items():
+            cmd += [f"--{key}", str(value)]
         res = subprocess.run(cmd, cwd=os.path.join(REPO, name), env=_env(), capture_output=True, text=True)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     else:
