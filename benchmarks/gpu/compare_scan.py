@@ -49,7 +49,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_batch1_scan import graph_replay  # noqa: E402  (this folder: the script's own)
+from scan_floors import bytes_moved  # noqa: E402  (benchmarks/)
 
 from common.ops import available_backends, selective_scan  # noqa: E402
 from common.ops import scan_triton as st  # noqa: E402
@@ -133,11 +135,9 @@ def time_scan(backend, shape):
 
 
 def floor_ms(shape, bandwidth):
+    """The memory floor (forward, forward + backward) in ms at ``bandwidth`` bytes/s (``scan_floors.bytes_moved``)."""
     batch, d_inner, length, n, dtype = shape
-    es = torch.finfo(dtype).bits // 8
-    bdl, bgnl = batch * 4 * d_inner * length, batch * 4 * n * length
-    fwd = (3 * bdl + 2 * bgnl) * es  # u, delta, B, C in; out
-    bwd = (5 * bdl + 4 * bgnl) * es  # u, delta, dout, B, C in; du, ddelta, dB, dC out
+    fwd, bwd = bytes_moved(batch, d_inner, length, n, torch.finfo(dtype).bits // 8)
     return fwd / bandwidth * 1e3, (fwd + bwd) / bandwidth * 1e3
 
 
