@@ -54,8 +54,11 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
 
     layer_norm.SCOPE = channel_norm or DEFAULT_NORM_SCOPE  # "all": the A/B of --norms both
     scan_triton.CONFIG_OVERRIDE.clear()
+    bidirectional = None
     if scan_path and scan_path.startswith("{"):  # a whole override, e.g. other step-kernel blocks
-        scan_triton.CONFIG_OVERRIDE.update(json.loads(scan_path))
+        override = json.loads(scan_path)
+        bidirectional = override.pop("bidirectional", None)  # False: SS2D's four-copy path (bidirectional_scan)
+        scan_triton.CONFIG_OVERRIDE.update(override)
     elif scan_path:  # e.g. "tile": the chunked tile kernels where the plane kernels would run (before them)
         scan_triton.CONFIG_OVERRIDE["path"] = scan_path
     from monai.bundle import ConfigParser
@@ -70,6 +73,10 @@ def run(bundle: str, graphed: bool, precision: str, iterations: int, skip: int, 
         parser["optimizer"].pop("fused", None)  # not fused=False, which also turns foreach off (a for-loop step)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network")
+    if bidirectional is not None:
+        for m in network.modules():
+            if hasattr(m, "bidirectional_scan"):
+                m.bidirectional_scan = bool(bidirectional)
     if compile_mode:  # regional torch.compile of the blocks' training forward, compiled afresh for this row
         from common.networks import compile_blocks
         from common.networks.compile import compiled_function
@@ -141,7 +148,8 @@ def main(argv=None) -> int:
                     help="also run the graphed iteration (and each compiled row) with the triton scan forced onto "
                          "these kernel paths (scan_triton.CONFIG_OVERRIDE['path'], e.g. 'tile': the kernels before "
                          "the plane kernels; 'step': the step kernels at N < 8 too), or JSON objects merged into "
-                         "CONFIG_OVERRIDE (e.g. '{\"step\": {\"bd_bwd\": 4, \"nsub\": 1}}')")
+                         "CONFIG_OVERRIDE (e.g. '{\"step\": {\"bd_bwd\": 4, \"nsub\": 1}}'); a JSON key "
+                         "\"bidirectional\": false sets SS2D's bidirectional_scan off (the four-copy path)")
     ap.add_argument("--graphed-only", action="store_true", help="skip MONAI's eager iteration")
     ap.add_argument("--compile-blocks", nargs="+", default=[], choices=["default", "max-autotune-no-cudagraphs"],
                     help="also run the graphed iteration with the blocks' training forward compiled in this "
