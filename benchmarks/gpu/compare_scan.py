@@ -345,6 +345,8 @@ STEP_VARIANTS = {
     "par_block2048": {"bwd_par": True, "par_block": 2048},
     "par_256w1": {"bwd_par": True, "par_block": 256},
     "par_512w1": {"bwd_par": True, "par_block": 512, "par_steps": 16},
+    # 16-bit inputs: dB / dC atomics as one vector a thread (converted to a 4-step layout) instead of two halves
+    "par_nosplit": {"bwd_par": True, "par_split": False},
 }
 
 

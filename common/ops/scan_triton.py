@@ -1549,7 +1549,7 @@ STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "s
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
                "store_dt": True, "state_axis": None, "prefetch_fwd": True, "fwd_maxnreg": None,
                "bwd_maxnreg": None, "bwd_vec": True, "bwd_par": False, "par_bdp": 1, "par_block": 256,
-               "par_warps": 0, "par_steps": 8}
+               "par_warps": 0, "par_steps": 8, "par_split": True}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -1823,6 +1823,8 @@ class SelectiveScanTriton(torch.autograd.Function):
             dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
             dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
             rev = bool(ctx.rev_slot)
+            split = (dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))["par_split"] and u.element_size() == 2
+                     and block_l == 256 * warps)
             for rvk in (0, 1) if rev else (0,):  # the bidirectional mode: forward slots, then backward ones
                 _bwd_kernel_p[(dim // (2 if rev else 1) // bdp, batch)](
                     u, A, Bc, Cc, D if D is not None else dummy, states, dts, dout, q,
@@ -1831,7 +1833,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                     dim, length, n_state, states.shape[1], ctx.rev_slot, *strides,
                     HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, FP64=fp64,
                     BDP=bdp, BLOCK_L=block_l, SAVE_STEPS=4 * scfg["save_every"], REV=rev, RVK=rvk,
-                    SPLIT=u.element_size() == 2 and block_l == 256 * warps, num_warps=warps,
+                    SPLIT=split, num_warps=warps,
                 )
         elif scfg is not None:
             states, dts = saved
