@@ -306,10 +306,9 @@ def test_step_backward_keeps_delta_only_to_recompute_dt(interpreter, store_dt):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
-def test_parallel_backward_bf16_split_atomics(interpreter):
-    # bf16 inputs at the default blocks (256 steps, one warp, 8 steps a thread): dB / dC are added as the two
-    # 4-step halves of each thread's steps (_p_add's SPLIT), in one partial block (the carries between blocks:
-    # the float32 cases); against the float64 reference on the same bf16-rounded inputs
+def test_parallel_backward_bf16_default_blocks(interpreter):
+    # bf16 inputs at the default blocks (256 steps, one warp, 8 steps a thread), in one partial block (the
+    # carries between blocks: the float32 cases); against the float64 reference on the same bf16-rounded inputs
     interpreter.CONFIG_OVERRIDE.update(step={"bwd_par": True}, min_programs=1)
     cfg = interpreter._step_config(8, 200, 16, 8, 1, False, False, torch.device(DEVICE))
     assert interpreter._par_config(cfg, 8, 200, 16, False, 1, torch.device(DEVICE)) == (1, 256, 1)
@@ -322,14 +321,15 @@ def test_parallel_backward_bf16_split_atomics(interpreter):
 
 
 def test_parallel_backward_policy(interpreter):
-    # STEP_CONFIG["bwd_par"] = "auto": the parallel backward where the step backward's grid fills the GPU badly,
-    # at L >= 1024 (an H100's 132 multiprocessors; the shapes timed on 2026-12-07)
+    # STEP_CONFIG["bwd_par"] = "auto" (the default): the parallel backward where the step backward's grid fills
+    # the GPU badly, at L >= 1024 (an H100's 132 multiprocessors; the shapes timed on 2026-12-07)
+    assert interpreter.STEP_CONFIG["bwd_par"] == "auto"
     wins = interpreter._par_wins
-    assert wins(24 * 768 // 16, 2, 4096, 132)  # Mamba-HUNet stage 1: 1152 programs, 1.09 waves
-    assert wins(24 * 1536 // 16, 2, 1024, 132)  # stage 2: 2.18 waves
-    assert wins(10 * 768 // 8, 1, 12544, 132)  # MSSMamba level 1: one block a program
-    assert not wins(10 * 1536 // 16, 2, 3136, 132)  # 0.91 of one wave
-    assert not wins(24 * 3072 // 16, 2, 256, 132)  # short sequences: the step backward
+    assert wins(24 * 768 // 16, 4096, 132)  # Mamba-HUNet stage 1: 1152 programs, 1.09 waves
+    assert wins(24 * 1536 // 16, 1024, 132)  # stage 2: 2.18 waves
+    assert not wins(10 * 768 // 8, 12544, 132)  # MSSMamba level 1: 0.91 of one wave (one block a program)
+    assert not wins(10 * 1536 // 16, 3136, 132)  # level 2: 0.91 of one wave
+    assert not wins(24 * 3072 // 16, 256, 132)  # short sequences: the step backward
     cfg = interpreter._step_config(768, 4096, 16, 192, 24, False, False, torch.device("cpu"))
     assert interpreter._par_config(cfg, 768, 4096, 16, False, 24, torch.device("cpu")) is None  # CUDA only
 

@@ -306,13 +306,14 @@ def step_blocks(rows):
     """At the N = 16 training scans: the step kernels' channel blocks. The shipped choice (8 channels,
     2 blocks per backward program), mamba-ssm and the floor; then forward ms in each forward block size
     (the backward as shipped) and backward ms (forward + backward minus the shipped forward) in each
-    (block size, blocks per program)."""
+    (block size, blocks per program). The step backward throughout (``bwd_par`` False: the default takes the
+    parallel backward at some of these shapes)."""
     bw = copy_bandwidth()
     emit(rows, dict(kind="bandwidth", tb_s=round(bw / 1e12, 3)))
     have_mamba = "mamba_ssm" in available_backends("cuda")
     for shape in STEP_TRAIN_SHAPES:
         res = dict(kind="step_blocks", shape=label(shape), floor=[round(t, 4) for t in floor_ms(shape, bw)])
-        base = time_with(shape, {}, 1)
+        base = time_with(shape, {"step": {"bwd_par": False}}, 1)
         if base is None:
             continue
         res["shipped"] = [round(base[0], 4), round(base[1], 4), round(base[1] - base[0], 4)]
@@ -320,11 +321,11 @@ def step_blocks(rows):
             res["mamba_ssm"] = [round(t, 4) for t in time_scan("mamba_ssm", shape)]
         fwd, bwd = {}, {}
         for bd in STEP_FWD_BLOCKS:
-            t = time_with(shape, {"step": {"bd_fwd": bd}}, 1)
+            t = time_with(shape, {"step": {"bd_fwd": bd, "bwd_par": False}}, 1)
             if t is not None:
                 fwd[str(bd)] = round(t[0], 4)
         for bd, nsub in STEP_BWD_BLOCKS:
-            t = time_with(shape, {"step": {"bd_bwd": bd, "nsub": nsub}, "min_programs": 0}, 1)
+            t = time_with(shape, {"step": {"bd_bwd": bd, "nsub": nsub, "bwd_par": False}, "min_programs": 0}, 1)
             if t is not None:
                 bwd[f"{bd}x{nsub}"] = round(t[1] - base[0], 4)
         res.update(fwd=fwd, bwd=bwd)
@@ -337,16 +338,16 @@ STEP_VARIANTS = {
     "scalar_bwd": {"bwd_vec": False},
     "bwd_maxnreg224": {"bwd_maxnreg": 224},
     "fwd_maxnreg112": {"fwd_maxnreg": 112},
-    # the parallel backward (_bwd_kernel_p: time across the threads, the states in sequence), written 2026-12-07:
-    # 1024-step blocks of 4 warps (8 steps a thread), two channels a program, 2048-step blocks of 8 warps, one-warp
-    # programs of 256 steps (8 a thread) and 512 (16 a thread)
+    # the parallel backward (_bwd_kernel_p: time across the threads, the states in sequence), written 2026-12-07,
+    # taken by default where _par_wins ("auto"): the step backward everywhere; the parallel one everywhere at its
+    # default blocks (256 steps, one warp, 8 steps a thread), two channels a program, 2048-step blocks of 8 warps,
+    # one-warp programs of 256 steps and of 512 (16 a thread)
+    "step_bwd": {"bwd_par": False},
     "par": {"bwd_par": True},
     "par_bdp2": {"bwd_par": True, "par_bdp": 2},
     "par_block2048": {"bwd_par": True, "par_block": 2048},
     "par_256w1": {"bwd_par": True, "par_block": 256},
     "par_512w1": {"bwd_par": True, "par_block": 512, "par_steps": 16},
-    # 16-bit inputs: dB / dC atomics as one vector a thread (converted to a 4-step layout) instead of two halves
-    "par_nosplit": {"bwd_par": True, "par_split": False},
 }
 
 

@@ -30,9 +30,10 @@ Four kernel families, chosen per call:
   give too few programs (batch-1 inference), the sequence is split into time segments: a local pass
   per segment (its end state from zero and its summed dt; in the backward, its adjoint from zero),
   then each segment's program starts from the carry composed over the segments before (after) it.
-  An opt-in parallel backward for the step forward (``STEP_CONFIG["bwd_par"]``, ``_bwd_kernel_p``;
-  mamba-ssm's scheme): the time axis across the threads and the states one after another, each block's
-  states and adjoints by two ``tl.associative_scan``s, dB / dC added with atomics per channel.
+  A parallel backward for the step forward (``STEP_CONFIG["bwd_par"]``, ``_bwd_kernel_p``; mamba-ssm's
+  scheme), taken on CUDA where the step backward's grid fills the GPU badly (long sequences, a partial last
+  wave): the time axis across the threads and the states one after another, each block's states and
+  adjoints by two ``tl.associative_scan``s, dB / dC added with atomics per channel.
 - Time-in-thread kernels (the fused cross-scan mode, and ``CONFIG_OVERRIDE["path"] = "time"``). 5-D
   tiles ``(BLOCK_L, N / LN, warps, LN, 32 / LN)``, meant to give each thread all ``BLOCK_L`` steps;
   compiled, Triton's layout choice puts lanes on the time axis of some of them (benchmarks/README.md).
@@ -1242,20 +1243,14 @@ def _v_put(ptr, off3, o3, m3, mask_n3, p0, p1, p2, p3, rv, ATOMIC: tl.constexpr,
 
 
 @triton.jit
-def _p_add(ptr, p0, v, L, SPLIT: tl.constexpr):
-    # add the block's dB / dC terms v (BLOCK_L steps from position p0) with atomics. SPLIT (16-bit inputs, 8
-    # steps a thread): v's layout holds 8 consecutive steps in each thread, but an atomic takes at most 128 bits
-    # a thread, so Triton would convert the whole vector to a 4-step layout through shuffles; split in the
-    # thread into its two 4-step halves instead, each added in the layout it has
-    if SPLIT:
-        BL: tl.constexpr = v.shape[0]
-        lo, hi = tl.split(tl.permute(tl.reshape(v, (BL // 8, 2, 4)), (0, 2, 1)))
-        pos = p0 + 8 * tl.arange(0, BL // 8)[:, None] + tl.arange(0, 4)[None, :]
-        tl.atomic_add(ptr + pos, lo, mask=(pos >= 0) & (pos < L), sem="relaxed")
-        tl.atomic_add(ptr + pos + 4, hi, mask=(pos + 4 >= 0) & (pos + 4 < L), sem="relaxed")
-    else:
-        pos = p0 + tl.arange(0, v.shape[0])
-        tl.atomic_add(ptr + pos, v, mask=(pos >= 0) & (pos < L), sem="relaxed")
+def _p_add(ptr, p0, v, L):
+    # add the block's dB / dC terms v (BLOCK_L steps from position p0) with atomics. Tried and removed
+    # (2026-12-07): for 16-bit inputs, adding each thread's 8 steps as two 4-step halves in the layout they
+    # have (an atomic takes at most 128 bits a thread; Triton converts the whole vector to a 4-step layout
+    # through shuffles). Offline sm_90 SASS of the state loop went 490 -> 433 instructions, but on an H100 the
+    # backward got slower: b24 192 @ 4096 bf16 forward + backward 7.55 -> 10.30 ms (benchmarks/README.md)
+    pos = p0 + tl.arange(0, v.shape[0])
+    tl.atomic_add(ptr + pos, v, mask=(pos >= 0) & (pos < L), sem="relaxed")
 
 
 @triton.jit
@@ -1267,7 +1262,6 @@ def _bwd_kernel_p(
     sc_batch, sc_group, sc_n, dpg_c,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr,
     BDP: tl.constexpr, BLOCK_L: tl.constexpr, SAVE_STEPS: tl.constexpr, REV: tl.constexpr, RVK: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
     # "parallel" backward of the step forward (time-varying B and C, dt stored, no z): the time axis across
     # the threads, the states one after another. A program owns BDP channels of one batch element and walks
@@ -1358,8 +1352,8 @@ def _bwd_kernel_p(
             x = q * (h - bu)  # q a h[t-1]
             gX += A_n * x
             dA_acc += tl.where(nidx == n, _sum(x * dt, 1)[:, None], 0.0)
-            _p_add(dB_ptr + b_base + n * sb_n, p0, _sum(q * dtu, 0), L, SPLIT)
-            _p_add(dC_ptr + c_base + n * sc_n, p0, _sum(dy * h, 0), L, SPLIT)
+            _p_add(dB_ptr + b_base + n * sb_n, p0, _sum(q * dtu, 0), L)
+            _p_add(dC_ptr + c_base + n * sc_n, p0, _sum(dy * h, 0), L)
         du = dt * gB
         if HAS_D:
             du += Dv * dy
@@ -1537,19 +1531,20 @@ def _time_in_thread_config(dim, n_state, gdims, batch, any_fixed, device):
 # was slower everywhere: forward 1.86 -> 2.25 ms and forward + backward (vector backward) 9.61 -> 14.61 ms at
 # b24 192 @ 4096 bf16, Mamba-HUNet training 200.5 -> 158.1 images/s, a batch-1 MSSMamba slice 5.00 -> 5.60
 # ms (benchmarks/README.md, "Step-kernel candidates timed").
-# bwd_par (written 2026-12-07, off): the parallel backward _bwd_kernel_p instead of the step backward (True, or
-# "auto": where _par_wins); par_bdp / par_block / par_warps / par_steps: its channels per program, block length,
-# warps (0: par_block / (32 par_steps)). H100, plain mode, forward + backward at one-warp 256-step blocks:
-# b24 192 @ 4096 bf16 9.75 -> 7.43 ms, fp32 10.41 -> 7.50, b10 192 @ 12544 bf16 10.36 -> 9.07, but slower
-# at L <= 784 and at b10 384 @ 3136 (4.54 -> 4.77). In the networks (the bidirectional mode, H200) the first
-# version, which read a backward slot's blocks with descending addresses, made bf16 training slower
-# (Mamba-HUNet 214.8 -> 174.0 images/s graphed, MSSMamba 98.0 -> 85.3); the memory-order version is untimed.
+# bwd_par (written 2026-12-07): the parallel backward _bwd_kernel_p instead of the step backward: "auto" (the
+# default) where _par_wins on CUDA, True everywhere it applies, False never; par_bdp / par_block / par_warps /
+# par_steps: its channels per program, block length, warps (0: par_block / (32 par_steps)). H100, plain mode,
+# forward + backward at one-warp 256-step blocks: b24 192 @ 4096 bf16 9.71 -> 7.55 ms, fp32 10.44 -> 7.56,
+# b24 384 @ 1024 bf16 3.93 -> 3.65, b10 192 @ 12544 bf16 10.35 -> 9.08, but slower at L <= 784 and at b10
+# 384 @ 3136 (4.53 -> 4.83). In the networks (the bidirectional mode, backward slots read in memory order),
+# bf16 graphed training: Mamba-HUNet 200.3 -> 210.3 images/s with "auto", MSSMamba 91.1 -> 90.1 with its
+# level 1 taken, which the rule now leaves to the step backward (benchmarks/README.md, "The parallel backward").
 STEP_CONFIG = {"nsub": 2, "dbc": "partial", "stages_fwd": 1, "stages_bwd": 1, "save_every": 2,
                "seg_fwd": 6, "seg_fwd_aim": 12, "seg_bwd": 4, "min_seg_fwd": 16, "min_seg": 32,
                "segs_fwd": 0, "segs_bwd": 0, "small_n": False, "bd_fwd": 8, "bd_bwd": 8,
                "store_dt": True, "state_axis": None, "prefetch_fwd": True, "fwd_maxnreg": None,
-               "bwd_maxnreg": None, "bwd_vec": True, "bwd_par": False, "par_bdp": 1, "par_block": 256,
-               "par_warps": 0, "par_steps": 8, "par_split": True}
+               "bwd_maxnreg": None, "bwd_vec": True, "bwd_par": "auto", "par_bdp": 1, "par_block": 256,
+               "par_warps": 0, "par_steps": 8}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -1581,36 +1576,35 @@ def _segments(n_chunks: int, programs: int, target: int, min_chunks: int, every:
     return triton.cdiv(n_chunks, per), per
 
 
-def _par_wins(programs: int, nsub: int, length: int, sms: int) -> bool:
-    """Whether the parallel backward beats the step backward (``programs`` one-warp programs of ``nsub``
-    channel blocks) at sequence length ``length`` on ``sms`` multiprocessors (``_par_config``'s rule)."""
+def _par_wins(programs: int, length: int, sms: int) -> bool:
+    """Whether the parallel backward beats the step backward (``programs`` one-warp programs) at sequence
+    length ``length`` on ``sms`` multiprocessors (``_par_config``'s rule)."""
     if length < 1024:
         return False
     waves = programs / (8 * sms)
-    return 235.0 * (waves / math.ceil(waves)) * (1.0 if nsub == 2 else 0.85) < 210.0
+    return 235.0 * (waves / math.ceil(waves)) < 210.0
 
 
 def _par_config(scfg, dim, length, n_state, has_z, batch, device):
     """(channels per program, block length, warps) of the parallel backward (``_bwd_kernel_p``) for a
     scan the step forward ran, or None where the step backward runs: ``STEP_CONFIG["bwd_par"]`` False,
     z, dt not stored, more than 32 states, time segments, or blocks that do not fit the stored states'
-    spacing. ``True`` forces it; ``"auto"`` takes it on CUDA where the step backward would fill the GPU
-    badly. Off by default: in the networks (the bidirectional mode) its first version made training slower
-    (benchmarks/README.md, "The parallel backward"); the version that reads a backward slot's blocks in
-    memory order is not timed there yet.
+    spacing. ``True`` forces it; ``"auto"`` (the default) takes it on CUDA where the step backward would
+    fill the GPU badly.
 
-    The rule comes from the H100 timings of 2026-12-07 (plain mode, first version):
-    the parallel backward does about 210 G state-steps a second at L >= 1024 whatever the grid; the step
-    backward's one-warp programs (8 a multiprocessor at 255 registers) about 235 G in whole waves, times
-    the used fraction of its last wave, and 15 % less with one block a program. So: L >= 1024 and
-    ``235 * fill * (1 or 0.85) < 210``.
+    The rule comes from the H100 timings of 2026-12-07 (plain mode): the parallel backward does about 210 G
+    state-steps a second at L >= 1024 whatever the grid; the step backward's one-warp programs (8 a
+    multiprocessor at 255 registers) about 235 G in whole waves, times the used fraction of its last wave.
+    So: L >= 1024 and ``235 * fill < 210``. In plain mode the step backward is also about 15 % slower with
+    one block a program, which made MSSMamba's level 1 (fill 0.91) a win there, but MSSMamba's training (the
+    bidirectional mode) was 1 % slower with it, so that case is left to the step backward.
     """
     conf = dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))
     mode = conf["bwd_par"]
     if not mode or has_z or not scfg["store_dt"] or n_state > 32 or scfg["segs_bwd"] > 1:
         return None
     if mode == "auto" and (device.type != "cuda" or not _par_wins(batch * dim // (scfg["NSUB"] * scfg["BD_bwd"]),
-                                                                  scfg["NSUB"], length, _sm_count(device))):
+                                                                  length, _sm_count(device))):
         return None
     bdp = conf["par_bdp"]
     block_l = min(conf["par_block"], max(32, triton.next_power_of_2(length)))
@@ -1823,8 +1817,6 @@ class SelectiveScanTriton(torch.autograd.Function):
             dD_part = torch.empty(batch, dim, dtype=cdt, device=dev) if D is not None else None
             dbias_part = torch.empty(batch, dim, dtype=cdt, device=dev) if delta_bias is not None else None
             rev = bool(ctx.rev_slot)
-            split = (dict(STEP_CONFIG, **CONFIG_OVERRIDE.get("step", {}))["par_split"] and u.element_size() == 2
-                     and block_l == 256 * warps)
             for rvk in (0, 1) if rev else (0,):  # the bidirectional mode: forward slots, then backward ones
                 _bwd_kernel_p[(dim // (2 if rev else 1) // bdp, batch)](
                     u, A, Bc, Cc, D if D is not None else dummy, states, dts, dout, q,
@@ -1833,7 +1825,7 @@ class SelectiveScanTriton(torch.autograd.Function):
                     dim, length, n_state, states.shape[1], ctx.rev_slot, *strides,
                     HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, FP64=fp64,
                     BDP=bdp, BLOCK_L=block_l, SAVE_STEPS=4 * scfg["save_every"], REV=rev, RVK=rvk,
-                    SPLIT=split, num_warps=warps,
+                    num_warps=warps,
                 )
         elif scfg is not None:
             states, dts = saved
