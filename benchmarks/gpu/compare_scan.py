@@ -50,19 +50,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import scan_floors  # noqa: E402  (benchmarks/)
 from bench_batch1_scan import graph_replay  # noqa: E402  (this folder: the script's own)
-from scan_floors import bytes_moved  # noqa: E402  (benchmarks/)
 
 from common.ops import available_backends, selective_scan  # noqa: E402
 from common.ops import scan_triton as st  # noqa: E402
 
-# (batch, d_inner, L, N, dtype): the issue's table, plus MSSMamba's level-1 scan at its paper batch
-ISSUE_SHAPES = [
-    (16, 96, 3136, 1, torch.float32), (16, 96, 3136, 1, torch.bfloat16), (16, 192, 784, 1, torch.float32),
-    (16, 384, 196, 1, torch.float32), (16, 192, 3136, 16, torch.float32), (16, 192, 3136, 16, torch.bfloat16),
-    (16, 768, 196, 16, torch.float32), (16, 192, 4096, 16, torch.float32), (16, 192, 4096, 16, torch.bfloat16),
-    (10, 192, 12544, 16, torch.bfloat16),
-]
+# (batch, d_inner, L, N, dtype): the issue's table (scan_floors.ISSUE_SHAPES, element sizes as dtypes), plus
+# MSSMamba's level-1 scan at its paper batch
+ISSUE_SHAPES = [(b, d, length, n, {4: torch.float32, 2: torch.bfloat16}[elem])
+                for b, d, length, n, elem in scan_floors.ISSUE_SHAPES] + [(10, 192, 12544, 16, torch.bfloat16)]
 SWEEP_SHAPES = [(16, 192, 3136, 16, torch.float32), (16, 768, 196, 16, torch.float32),
                 (10, 192, 12544, 16, torch.bfloat16)]
 # (BLOCK_L, LN, NW, cap) of the time-in-thread kernels
@@ -137,7 +134,7 @@ def time_scan(backend, shape):
 def floor_ms(shape, bandwidth):
     """The memory floor (forward, forward + backward) in ms at ``bandwidth`` bytes/s (``scan_floors.bytes_moved``)."""
     batch, d_inner, length, n, dtype = shape
-    fwd, bwd = bytes_moved(batch, d_inner, length, n, torch.finfo(dtype).bits // 8)
+    fwd, bwd = scan_floors.bytes_moved(batch, d_inner, length, n, torch.finfo(dtype).bits // 8)
     return fwd / bandwidth * 1e3, (fwd + bwd) / bandwidth * 1e3
 
 
